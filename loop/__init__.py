@@ -1,0 +1,69 @@
+"""selfloop: a plugin-based self-improvement loop for language models.
+
+Plugins import from here::
+
+    import loop
+
+    @loop.hookimpl
+    def register_judges(register):
+        register(MyJudge)
+"""
+
+from loop.hookspecs import hookimpl
+from loop.components import (
+    Candidate,
+    Chat,
+    Completion,
+    Component,
+    Evaluator,
+    Generator,
+    Judge,
+    JudgeResult,
+    Judgment,
+    ModelBuilder,
+    OptimiseResult,
+    Pair,
+    Prompt,
+    PromptOptimiser,
+    PromptSource,
+    Sampling,
+    Selected,
+    Selection,
+    Selector,
+    TrainStep,
+    Updater,
+    UpdateResult,
+)
+from loop.errors import ConfigError, PluginError, SelfloopError, UserError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hookimpl",
+    "Candidate",
+    "Chat",
+    "Completion",
+    "Component",
+    "ConfigError",
+    "Evaluator",
+    "Generator",
+    "Judge",
+    "JudgeResult",
+    "Judgment",
+    "ModelBuilder",
+    "OptimiseResult",
+    "Pair",
+    "PluginError",
+    "Prompt",
+    "PromptOptimiser",
+    "PromptSource",
+    "Sampling",
+    "Selected",
+    "Selection",
+    "Selector",
+    "SelfloopError",
+    "TrainStep",
+    "Updater",
+    "UpdateResult",
+    "UserError",
+]

@@ -1,0 +1,352 @@
+"""The component kinds a plugin can provide, and the records they pass around.
+
+Each kind is a small base class with one method to implement and a pydantic
+``Options`` model (unknown fields refused). A plugin registers the class; the
+runner builds one instance per run from the config section that names it::
+
+    class LengthJudge(loop.Judge):
+        name = "length"
+
+        class Options(loop.Judge.Options):
+            target: int = 20
+
+        def judge(self, ctx, candidates):
+            return loop.JudgeResult(judgments=[
+                loop.Judgment(candidate=c, score=-abs(len(c.text) - self.options.target), raw="")
+                for c in candidates
+            ])
+
+Records (``Prompt``, ``Candidate``, ``Judgment``, ...) are plain dataclasses. Components
+return them; the runner stores them, in one transaction per phase, and fills in ``id``.
+A record made in the same phase can be referred to by object (a judgment of a revision
+the same judge just wrote): the runner stores referenced records first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loop.context import Context
+
+# A chat is a list of {"role": "system" | "user" | "assistant", "content": str}.
+Chat = list[dict[str, str]]
+
+
+# ---------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Prompt:
+    """A prompt of one round. ``parent`` links a rewrite or a derived prompt to its source."""
+
+    text: str
+    source: str = ""
+    system: str | None = None
+    parent: Prompt | None = None
+    kind: str = "original"  # "original" | "rewrite" | "derived"
+    meta: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+    round: int | None = None
+
+    def chat(self) -> Chat:
+        """The prompt as a chat: an optional system message, then the user message."""
+        messages: Chat = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system})
+        messages.append({"role": "user", "content": self.text})
+        return messages
+
+
+@dataclass
+class Completion:
+    """What a generator returns for one sample."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" (end of sequence) | "length" (max_new_tokens reached)
+    logprob_sum: float | None = None  # sum of the sampled tokens' log-probs under the policy
+
+
+@dataclass(eq=False)
+class Candidate:
+    """One answer to a prompt: sampled from a policy, or written by a judge (a revision)."""
+
+    prompt: Prompt
+    text: str
+    policy: str = "base"  # "base" or "round-<r>": the adapter that wrote it
+    sample_index: int = 0
+    num_tokens: int | None = None
+    finish_reason: str | None = None
+    logprob_sum: float | None = None
+    source: str = "policy"  # "policy" | "revision" | a plugin's own word
+    parent: Candidate | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+    round: int | None = None
+
+
+@dataclass(eq=False)
+class Judgment:
+    """One judge sample for one candidate.
+
+    ``score`` is None when the judge's output could not be parsed: that is a recorded
+    failure, never a coerced score. ``raw`` is the judge's own text, stored as is.
+    """
+
+    candidate: Candidate
+    score: float | None
+    raw: str = ""
+    sample_index: int = 0
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    judge: str | None = None  # filled in by the runner: the judge's configured label
+    id: int | None = None
+
+
+@dataclass(eq=False)
+class Pair:
+    """A preference pair: ``chosen`` is preferred to ``rejected`` for ``prompt``."""
+
+    prompt: Prompt
+    chosen: Candidate
+    rejected: Candidate
+    chosen_score: float | None = None
+    rejected_score: float | None = None
+    source: str = "selector"  # "selector" | "revision" | a judge's name
+    id: int | None = None
+
+    @property
+    def margin(self) -> float | None:
+        if self.chosen_score is None or self.rejected_score is None:
+            return None
+        return self.chosen_score - self.rejected_score
+
+
+@dataclass(eq=False)
+class Selected:
+    """A candidate chosen as training data on its own (top-k sets, ranked lists, labels)."""
+
+    candidate: Candidate
+    score: float | None = None
+    rank: int = 0  # 0 = best within its group
+    label: str = "top"  # "top" | "desirable" | "undesirable" | "ranked"
+    group: int | None = None  # prompt id, or another grouping key
+    id: int | None = None
+
+
+@dataclass
+class JudgeResult:
+    judgments: list[Judgment] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)  # new ones (revisions)
+    pairs: list[Pair] = field(default_factory=list)  # pairs the judge offers the selector
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    pairs: list[Pair] = field(default_factory=list)
+    selected: list[Selected] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.pairs) + len(self.selected)
+
+
+@dataclass
+class OptimiseResult:
+    prompts: list[Prompt]  # the prompts generation should answer this round
+    system: str | None = None  # a system instruction for the round (OPRO)
+    new_prompts: list[Prompt] = field(default_factory=list)  # rewrites to store
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainStep:
+    step: int
+    loss: float
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # "rewards/margin": ...
+
+
+@dataclass
+class UpdateResult:
+    steps: list[TrainStep] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Sampling:
+    """Sampling settings for one generate call."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------
+# Component kinds
+# ---------------------------------------------------------------------------
+
+
+class Component:
+    """Base of every component kind.
+
+    ``name`` is what a config uses to choose the component. ``Options`` validates the
+    config section (every key but ``name``); unknown keys are refused.
+    """
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    plugin: ClassVar[str | None] = None  # set by the plugin manager on registration
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, options: BaseModel | None = None, *, label: str | None = None):
+        self.options = options if options is not None else self.Options()
+        self.label = label or self.name
+
+    def setup(self, ctx: Context) -> None:
+        """Called once per process before the first phase that uses the component."""
+
+    def close(self) -> None:
+        """Called once when the run stops (normally or not)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label!r}>"
+
+
+class Generator(Component):
+    """Samples completions from the policy (base model + the given adapter)."""
+
+    kind = "generator"
+
+    def generate(
+        self,
+        ctx: Context,
+        chats: Sequence[Chat],
+        sampling: Sampling,
+        *,
+        adapter: str | None,
+        progress: bool = True,
+    ) -> list[list[Completion]]:
+        """Return ``sampling.n`` completions per chat, in order.
+
+        ``adapter`` is an adapter folder (``None``: the base model). With ``progress``
+        the generator reports batches through ``ctx.progress``.
+        """
+        raise NotImplementedError
+
+    def logprobs(
+        self, ctx: Context, chats: Sequence[Chat], responses: Sequence[str], *, adapter: str | None
+    ) -> list[float]:
+        """Sum of log-probs of each response's tokens given its chat (teacher forcing)."""
+        raise NotImplementedError
+
+    def release(self, ctx: Context) -> None:
+        """The updater is about to need the accelerator: free what can be freed (vLLM sleeps)."""
+
+    def reclaim(self, ctx: Context) -> None:
+        """The updater is done: take the accelerator back (vLLM wakes)."""
+
+
+class PromptSource(Component):
+    kind = "prompt_source"
+
+    def propose(self, ctx: Context) -> list[Prompt]:
+        """Return this round's new prompts."""
+        raise NotImplementedError
+
+
+class PromptOptimiser(Component):
+    kind = "prompt_optimiser"
+
+    def optimise(self, ctx: Context, prompts: list[Prompt]) -> OptimiseResult:
+        """Rewrite prompts and/or choose a system instruction for this round."""
+        raise NotImplementedError
+
+
+class Judge(Component):
+    kind = "judge"
+
+    def judge(self, ctx: Context, candidates: list[Candidate]) -> JudgeResult:
+        """Score candidates. Unparseable output is a Judgment with ``score=None``."""
+        raise NotImplementedError
+
+
+class Selector(Component):
+    kind = "selector"
+
+    def select(
+        self,
+        ctx: Context,
+        candidates: list[Candidate],
+        scores: dict[int, float],
+        offered: list[Pair],
+    ) -> Selection:
+        """Turn scores into training data.
+
+        ``scores`` maps a candidate's id to its combined score: each judge's mean over
+        its valid samples, then the weighted mean over the judges that gave one (weights
+        from the config). Candidates without any valid score are absent. ``offered``
+        holds pairs judges proposed (a revision preferred over its original).
+        """
+        raise NotImplementedError
+
+
+class Updater(Component):
+    kind = "updater"
+
+    def update(self, ctx: Context, selection: Selection, output_dir: str) -> UpdateResult:
+        """Train the next adapter from ``ctx.adapter`` (None: start a new one).
+
+        Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) into
+        ``output_dir``; the runner renames it into place once it is complete.
+        """
+        raise NotImplementedError
+
+    def lora_rank(self) -> int | None:
+        """The LoRA rank this updater trains with (generators size their LoRA slots by it)."""
+        return None
+
+
+class Evaluator(Component):
+    kind = "evaluator"
+
+    def evaluate(self, ctx: Context) -> dict[str, float]:
+        """Metrics (``group/name`` keys) for the policy ``ctx.adapter`` after this round."""
+        raise NotImplementedError
+
+
+class ModelBuilder(Component):
+    """Builds a model folder on demand (tiny in-process models, synthetic seeds)."""
+
+    kind = "model_builder"
+
+    def build(self, cache_dir: str) -> str:
+        """Return the path of a Hugging Face model folder, building it if needed."""
+        raise NotImplementedError
+
+
+KINDS: dict[str, type[Component]] = {
+    cls.kind: cls
+    for cls in (
+        Generator,
+        PromptSource,
+        PromptOptimiser,
+        Judge,
+        Selector,
+        Updater,
+        Evaluator,
+        ModelBuilder,
+    )
+}

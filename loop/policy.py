@@ -1,0 +1,248 @@
+"""The policy: one base model plus the LoRA adapter of the current round.
+
+One ``Policy`` per run process. The transformers generator and the PEFT updaters share
+its model object (no copy): the generator activates a round's adapter to sample, the
+updater makes the adapter trainable, trains it in place and saves it.
+
+Security defaults: ``trust_remote_code`` comes from the config (off by default) and
+weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from loop.errors import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class Policy:
+    """Lazily loaded base model + tokenizer, with one LoRA slot ("default")."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        threads: int | None = None,
+    ):
+        self.model_path = str(model_path)
+        self.device = resolve_device(device)
+        self.dtype_name = dtype
+        self.trust_remote_code = trust_remote_code
+        self.threads = threads
+        self._tokenizer = None
+        self._base = None  # the transformers model (LoRA layers injected once a PeftModel exists)
+        self._peft = None  # peft.PeftModel wrapping _base, once an adapter is used
+        self.active: str | None = None  # adapter folder whose weights are in the slot
+
+    # -- loading -----------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(
+                    self.model_path, trust_remote_code=self.trust_remote_code
+                )
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"model.path: cannot load a tokenizer from {self.model_path!r} ({e}); "
+                    "give a Hugging Face model folder or a cached hub name"
+                ) from e
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            if not getattr(tok, "chat_template", None):
+                raise UserError(
+                    f"model.path: the tokenizer of {self.model_path!r} has no chat template; "
+                    "use an instruction-tuned model or add chat_template to tokenizer_config.json"
+                )
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def base(self):
+        if self._base is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.model_path,
+                    dtype=resolve_dtype(self.dtype_name, self.device),
+                    trust_remote_code=self.trust_remote_code,
+                    use_safetensors=True,
+                )
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"model.path: cannot load {self.model_path!r} as a causal LM from "
+                    f"safetensors ({e}); give a Hugging Face model folder with model.safetensors"
+                ) from e
+            model.to(self.device)
+            model.eval()
+            self._base = model
+        return self._base
+
+    @property
+    def model(self):
+        """The model to run: the PeftModel once an adapter exists, else the base model."""
+        return self._peft if self._peft is not None else self.base
+
+    # -- adapters ----------------------------------------------------------------
+
+    def activate(self, adapter: str | None) -> None:
+        """Put ``adapter``'s weights in the slot (None: the base model, LoRA disabled)."""
+        if adapter is None:
+            self.active = None
+            return
+        adapter = str(adapter)
+        if self.active == adapter:
+            return
+        self._load_adapter(adapter, trainable=False)
+        self.active = adapter
+
+    @contextmanager
+    def using(self, adapter: str | None) -> Iterator[object]:
+        """``with policy.using(path) as model:`` runs ``model`` as base + that adapter."""
+        self.activate(adapter)
+        model = self.model
+        if adapter is None and self._peft is not None:
+            with self._peft.disable_adapter():
+                yield model
+        else:
+            yield model
+
+    def trainable(self, lora_config, *, init_from: str | None, seed: int):
+        """Make the slot trainable and return the PeftModel.
+
+        ``init_from`` is the previous round's adapter folder (its weights and config are
+        continued); None starts a fresh adapter from ``lora_config`` with ``seed``.
+        """
+        import torch
+
+        if init_from is not None:
+            self._load_adapter(str(init_from), trainable=True)
+        else:
+            from peft import get_peft_model
+
+            torch.manual_seed(seed)
+            if self._peft is None:
+                self._peft = get_peft_model(self.base, lora_config)
+            else:
+                self._peft.delete_adapter("default")
+                self._peft.add_adapter("default", lora_config)
+                self._peft.set_adapter("default")
+        self._peft.to(self.device)
+        for name, p in self._peft.named_parameters():
+            p.requires_grad = "lora_" in name
+        self.active = None  # weights are about to change; no folder holds them yet
+        return self._peft
+
+    def _load_adapter(self, path: str, *, trainable: bool) -> None:
+        from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+            raise UserError(
+                f"{folder}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+            )
+        config = LoraConfig.from_pretrained(str(folder))
+        config.inference_mode = not trainable
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(
+                self.base, str(folder), is_trainable=trainable, config=config
+            )
+        else:
+            current = self._peft.peft_config["default"]
+            if _lora_shape(current) != _lora_shape(config):
+                self._peft.delete_adapter("default")
+                self._peft.add_adapter("default", config)
+                self._peft.set_adapter("default")
+            state = load_file(str(folder / ADAPTER_WEIGHTS), device=self.device)
+            result = set_peft_model_state_dict(self._peft, state, adapter_name="default")
+            missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if missing:
+                raise UserError(f"{folder}: adapter weights do not fit the model: {missing[:3]}")
+        self._peft.to(self.device)
+        self._peft.eval()
+
+    def save_adapter(self, output_dir: str) -> None:
+        """Write the slot as a standard PEFT folder (adapter_config.json + safetensors)."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if self._peft is None:
+            raise RuntimeError("no adapter to save")
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self._peft, adapter_name="default")
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = self._peft.peft_config["default"]
+        config.save_pretrained(str(out))
+        # PEFT writes base_model_name_or_path from the loaded model; keep it pointing at
+        # the folder we loaded so `PeftModel.from_pretrained(base, adapter)` just works.
+        cfg_path = out / ADAPTER_CONFIG
+        data = json.loads(cfg_path.read_text())
+        data["base_model_name_or_path"] = self.model_path
+        data["inference_mode"] = True
+        cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
+        _fsync_dir(out)
+
+
+def _lora_shape(config) -> tuple:
+    return (
+        config.r,
+        tuple(sorted(config.target_modules)) if config.target_modules else None,
+        config.lora_alpha,
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def install_adapter(tmp_dir: str, final_dir: str) -> None:
+    """Atomically move a finished adapter folder into place (replacing a stale one)."""
+    final = Path(final_dir)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp_dir, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
