@@ -1,0 +1,241 @@
+"""The ``selfloop`` command line.
+
+    selfloop run configs/demo.toml --set rounds=2
+    selfloop resume runs/demo
+    selfloop status runs/demo
+    selfloop watch runs/demo
+    selfloop demo
+    selfloop plugins --json
+
+User errors (bad config, bad path, unknown plugin) print one line and exit with code 2;
+an interrupted run exits with 130 after saying how to resume it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from loop import __version__
+from loop.errors import SelfloopError
+
+PROGRESS_CHOICE = click.Choice(["auto", "rich", "plain", "off"])
+
+
+def _fail(e: SelfloopError) -> None:
+    click.echo(f"Error: {e}", err=True)
+    sys.exit(e.exit_code)
+
+
+class Group(click.Group):
+    """Turns selfloop's own errors into one line and the right exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SelfloopError as e:
+            _fail(e)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="selfloop")
+def cli():
+    """selfloop: a plugin-based self-improvement loop for language models."""
+
+
+def _progress_option(f):
+    return click.option(
+        "--progress", type=PROGRESS_CHOICE, default="auto", show_default=True,
+        help="Dashboard: rich (live), plain (log lines), off. auto: rich on a terminal.",
+    )(f)
+
+
+def _plugin_option(f):
+    return click.option(
+        "--plugin", "plugin_files", multiple=True, type=click.Path(dir_okay=False),
+        help="Load a single-file plugin (repeatable).",
+    )(f)
+
+
+def execute(runner, progress: str) -> str:
+    """Run with the dashboard attached; returns the run's final status."""
+    from loop import plugins
+    from loop.monitor import make_monitor
+
+    monitor = make_monitor(progress)
+    name = None
+    if monitor is not None:
+        name = plugins.register(monitor, name="selfloop.monitor")
+    try:
+        with monitor if monitor is not None else _null():
+            return runner.run()
+    finally:
+        if name is not None:
+            plugins.unregister(name=name)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=True))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config field (repeatable), e.g. --set generate.n=8.")
+@_plugin_option
+@_progress_option
+def run(config, overrides, plugin_files, progress):
+    """Start a run from a TOML CONFIG file."""
+    from loop import runner as r
+
+    runner = r.start(config, list(overrides), extra_plugins=plugin_files, version=__version__)
+    click.echo(f"run folder: {runner.run_dir}", err=True)
+    execute(runner, progress)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@_plugin_option
+@_progress_option
+def resume(run_dir, plugin_files, progress):
+    """Continue a stopped or failed run: done phases are skipped."""
+    from loop import runner as r
+
+    execute(r.resume(run_dir, extra_plugins=plugin_files), progress)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(run_dir, as_json):
+    """Rounds x phases with durations and key metrics (reads the database read-only)."""
+    from loop.monitor import open_reader, status_data, status_table
+    from rich.console import Console
+
+    store = open_reader(run_dir)
+    try:
+        data = status_data(store)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        Console().print(status_table(data))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Draw the dashboard once and exit.")
+def watch(run_dir, interval, once):
+    """The live dashboard of a run, from another terminal (read-only)."""
+    from loop.monitor import watch as do_watch
+
+    do_watch(run_dir, interval=interval, once=once)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def report(run_dir, as_json):
+    """One row per round: accuracy, judge agreement, pairs, reward margin, length, seconds."""
+    from loop.monitor import open_reader, report_data, report_table
+    from rich.console import Console
+
+    store = open_reader(run_dir)
+    try:
+        data = report_data(store)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        Console().print(report_table(data))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--round", "round_", type=int, default=None, help="Only this round.")
+@click.option("-o", "--output", type=click.File("w"), default="-", help="Output file (JSONL).")
+def export(run_dir, round_, output):
+    """Write the selected preference pairs as JSONL (prompt, chosen, rejected, scores)."""
+    from loop.monitor import open_reader
+
+    store = open_reader(run_dir)
+    try:
+        sql = (
+            "select p.round, pr.text as prompt, ch.text as chosen, rj.text as rejected, "
+            "p.chosen_score, p.rejected_score, p.source from pairs p "
+            "join prompts pr on pr.id = p.prompt_id join candidates ch on ch.id = p.chosen_id "
+            "join candidates rj on rj.id = p.rejected_id where p.selected = 1"
+        )
+        params: list = []
+        if round_ is not None:
+            sql += " and p.round = ?"
+            params.append(round_)
+        for row in store.rows(sql + " order by p.id", params):
+            output.write(json.dumps(row) + "\n")
+    finally:
+        store.close()
+
+
+@cli.command(name="plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_plugin_option
+def plugins_cmd(as_json, plugin_files):
+    """List plugins, their hooks and the components they register."""
+    from loop import plugins
+
+    for f in plugin_files:
+        plugins.load_plugin_file(f)
+    data = plugins.plugin_hooks()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("plugin", "hooks", "components", title="selfloop plugins")
+    for p in data:
+        comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in p["components"].items())
+        table.add_row(p["name"] + ("" if p["builtin"] else " (installed)"), ", ".join(p["hooks"]), comps)
+    Console().print(table)
+
+
+@cli.command()
+@click.option("--rounds", default=3, show_default=True, help="Self-rewarding rounds.")
+@click.option("--name", default="demo", show_default=True, help="Run folder name under runs/.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a field of the demo config.")
+@_progress_option
+def demo(rounds, name, overrides, progress):
+    """The embedded default: a tiny model that answers and judges itself, on CPU, offline.
+
+    Builds (or reuses) the tiny model, runs self-rewarding + DPO rounds with the live
+    dashboard, then prints a table per round. Equivalent to
+    `selfloop run configs/demo.toml`.
+    """
+    from loop.demo import run_demo
+
+    run_demo(rounds=rounds, name=name, overrides=list(overrides), progress=progress)
+
+
+def _load_command_plugins() -> None:
+    try:
+        from loop import plugins
+
+        plugins.get_manager().hook.register_commands(cli=cli)
+    except SelfloopError as e:
+        _fail(e)
+
+
+def main():  # pragma: no cover - console entry
+    _load_command_plugins()
+    cli()

@@ -1,0 +1,193 @@
+"""Numbered schema migrations of the run database.
+
+Never edit a migration once it has landed: add ``m002_...`` instead. Each one opens with
+a comment on why it exists. ``sqlite_utils.Migrations`` applies pending ones in a
+transaction and records them in ``_sqlite_migrations``.
+
+The tables are a public interface (users query them): docs/database.md documents every
+column, and tests/test_store.py checks a blank database against that list.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Migrations
+
+migrations = Migrations("selfloop")
+
+
+@migrations()
+def m001_initial(db):
+    # Why: the first schema. Every row carries its round and links to its source, so any
+    # number can be traced back to text: a pair to its two candidates, a candidate to its
+    # prompt (and to its original, for a revision), a judgment to its candidate and judge.
+    db.execute(
+        """
+        create table runs (
+            id integer primary key,
+            name text not null,
+            created_at text not null,
+            config text not null,          -- the resolved config, JSON
+            seed integer not null,
+            rounds integer not null,
+            status text not null,          -- running | completed | interrupted | failed
+            model_path text,               -- the base model folder the run loads
+            selfloop_version text not null
+        )"""
+    )
+    db.execute(
+        """
+        create table rounds (
+            round integer primary key,     -- 0: the starting policy, evaluated only
+            status text not null,          -- running | done
+            policy text,                   -- base | round-<r>: the policy after this round
+            adapter text,                  -- its adapter folder, relative to the run folder
+            started_at text,
+            ended_at text,
+            seconds real
+        )"""
+    )
+    db.execute(
+        """
+        create table phases (
+            round integer not null references rounds(round),
+            phase text not null,           -- propose | optimise | generate | judge | select | update | evaluate
+            status text not null,          -- running | done | failed | interrupted
+            attempt integer not null,      -- 1 + the number of earlier tries
+            started_at text,
+            ended_at text,
+            seconds real,
+            done integer,                  -- progress: units done of total
+            total integer,
+            error text,                    -- the failure's one-line summary
+            plugin text,                   -- the plugin whose component failed
+            primary key (round, phase)
+        )"""
+    )
+    db.execute(
+        """
+        create table prompts (
+            id integer primary key,
+            round integer not null references rounds(round),
+            text text not null,
+            system text,                   -- a system instruction, if any
+            source text not null,          -- the prompt source or optimiser that wrote it
+            kind text not null,            -- original | rewrite | derived
+            parent_id integer references prompts(id),  -- what a rewrite / derived prompt came from
+            meta text                      -- JSON
+        )"""
+    )
+    db.execute(
+        """
+        create table round_prompts (
+            round integer not null references rounds(round),
+            position integer not null,
+            prompt_id integer not null references prompts(id),
+            system text,                   -- the system instruction used with it this round
+            primary key (round, position)
+        )"""
+    )
+    db.execute(
+        """
+        create table candidates (
+            id integer primary key,
+            round integer not null references rounds(round),
+            prompt_id integer not null references prompts(id),
+            policy text not null,          -- base | round-<r>: who wrote it
+            sample_index integer not null,
+            text text not null,
+            num_tokens integer,
+            finish_reason text,            -- stop | length
+            logprob_sum real,              -- sum of its tokens' log-probs under that policy
+            source text not null,          -- policy | revision | ...
+            parent_id integer references candidates(id),  -- a revision's original
+            meta text
+        )"""
+    )
+    db.execute(
+        """
+        create table judgments (
+            id integer primary key,
+            round integer not null references rounds(round),
+            candidate_id integer not null references candidates(id),
+            judge text not null,           -- the judge's label in the config
+            sample_index integer not null,
+            score real,                    -- NULL when the judge's output did not parse
+            raw text not null,             -- the judge's own text, as written
+            error text,
+            meta text
+        )"""
+    )
+    db.execute(
+        """
+        create table pairs (
+            id integer primary key,
+            round integer not null references rounds(round),
+            prompt_id integer not null references prompts(id),
+            chosen_id integer not null references candidates(id),
+            rejected_id integer not null references candidates(id),
+            chosen_score real,
+            rejected_score real,
+            margin real,
+            source text not null,          -- selector | revision | a judge's label
+            selected integer not null      -- 1: training data; 0: offered by a judge only
+        )"""
+    )
+    db.execute(
+        """
+        create table selected (
+            id integer primary key,
+            round integer not null references rounds(round),
+            candidate_id integer not null references candidates(id),
+            score real,
+            rank integer not null,         -- 0 is the best within its group
+            label text not null,           -- top | desirable | undesirable | ranked
+            group_key integer              -- usually the prompt id
+        )"""
+    )
+    db.execute(
+        """
+        create table train_steps (
+            id integer primary key,
+            round integer not null references rounds(round),
+            step integer not null,
+            loss real not null,
+            learning_rate real,
+            grad_norm real,
+            metrics text                   -- JSON: rewards/chosen, rewards/margin, ...
+        )"""
+    )
+    db.execute(
+        """
+        create table metrics (
+            round integer not null references rounds(round),
+            name text not null,            -- group/name, e.g. eval/accuracy
+            value real,
+            source text,                   -- the component (or "runner") that wrote it
+            phase text,
+            primary key (round, name)
+        )"""
+    )
+    db.execute(
+        """
+        create table events (
+            id integer primary key,
+            time text not null,
+            round integer,
+            phase text,
+            level text not null,           -- info | warning | error
+            message text not null,
+            plugin text,
+            data text                      -- JSON; a failure's traceback is in data.traceback
+        )"""
+    )
+    for sql in (
+        "create index idx_prompts_round on prompts(round)",
+        "create index idx_candidates_round on candidates(round)",
+        "create index idx_candidates_prompt on candidates(prompt_id)",
+        "create index idx_judgments_round on judgments(round)",
+        "create index idx_judgments_candidate on judgments(candidate_id)",
+        "create index idx_pairs_round on pairs(round)",
+        "create index idx_selected_round on selected(round)",
+        "create index idx_train_steps_round on train_steps(round)",
+    ):
+        db.execute(sql)

@@ -1,0 +1,424 @@
+"""The run database: ``runs/<name>/run.db``, one SQLite file per run.
+
+- WAL mode and foreign keys on. One writer (the loop process, holding the run lock);
+  any number of readers (``status``, ``watch``, reports, Datasette) that open the file
+  read-only and never block the writer.
+- Writes go through ``Store.transaction()``: ``BEGIN IMMEDIATE`` on a connection with a
+  generous busy timeout, so a read-then-write never meets "database is locked" halfway.
+- A phase's results and its done-mark are committed in one transaction
+  (``commit_phase``), so a phase killed half-way leaves nothing behind.
+- The schema is created by numbered migrations (``loop/migrations.py``) and documented
+  for users in ``docs/database.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+from loop import components as c
+from loop.migrations import migrations
+
+BUSY_TIMEOUT_MS = 60_000
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _json(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+class Store:
+    """Typed reads and writes on a run database."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool):
+        self.conn = conn
+        self.path = path
+        self.readonly = readonly
+        self.db = sqlite_utils.Database(conn)
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        """Open (creating if needed) for writing; applies pending migrations."""
+        path = Path(path)
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        store = cls(conn, path, readonly=False)
+        migrations.apply(store.db)
+        return store
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> Store:
+        """Open read-only: for status, watch and reports, while the loop writes."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        conn = sqlite3.connect(
+            f"file:{path.resolve()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None, check_same_thread=False,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return cls(conn, path, readonly=True)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions ------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception)."""
+        assert not self.readonly, "read-only store"
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    # -- run and rounds ----------------------------------------------------------
+
+    def run_row(self) -> dict | None:
+        rows = list(self.db.query("select * from runs order by id limit 1"))
+        return rows[0] if rows else None
+
+    def init_run(self, name: str, config: dict, seed: int, rounds: int, version: str,
+                 model_path: str | None = None) -> None:
+        with self.transaction() as db:
+            if self.run_row() is None:
+                db["runs"].insert(
+                    {
+                        "name": name,
+                        "created_at": now(),
+                        "config": _json(config),
+                        "seed": seed,
+                        "rounds": rounds,
+                        "status": "running",
+                        "selfloop_version": version,
+                        "model_path": model_path,
+                    }
+                )
+
+    def set_run(self, **fields: Any) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "update runs set " + ", ".join(f"{k} = ?" for k in fields) + " where id = 1",
+                list(fields.values()),
+            )
+
+    def phase(self, round: int, phase: str) -> dict | None:
+        rows = list(
+            self.db.query("select * from phases where round = ? and phase = ?", [round, phase])
+        )
+        return rows[0] if rows else None
+
+    def phase_status(self, round: int, phase: str) -> str | None:
+        row = self.phase(round, phase)
+        return row["status"] if row else None
+
+    def start_phase(self, round: int, phase: str) -> int:
+        """Mark a phase running (attempt + 1); returns the attempt number."""
+        with self.transaction() as db:
+            if not list(db.query("select 1 from rounds where round = ?", [round])):
+                db["rounds"].insert({"round": round, "status": "running", "started_at": now()})
+            row = self.phase(round, phase)
+            attempt = (row["attempt"] if row else 0) + 1
+            db["phases"].upsert(
+                {
+                    "round": round,
+                    "phase": phase,
+                    "status": "running",
+                    "attempt": attempt,
+                    "started_at": now(),
+                    "ended_at": None,
+                    "seconds": None,
+                    "done": 0,
+                    "total": None,
+                    "error": None,
+                    "plugin": None,
+                },
+                pk=("round", "phase"),
+            )
+        return attempt
+
+    def progress(self, round: int, phase: str, done: int, total: int | None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "update phases set done = ?, total = ? where round = ? and phase = ?",
+                [done, total, round, phase],
+            )
+
+    def end_phase(self, db, round: int, phase: str, status: str, seconds: float, error=None, plugin=None):
+        db.execute(
+            "update phases set status = ?, ended_at = ?, seconds = ?, error = ?, plugin = ? "
+            "where round = ? and phase = ?",
+            [status, now(), round_seconds(seconds), error, plugin, round, phase],
+        )
+
+    def fail_phase(self, round: int, phase: str, seconds: float, error: str, plugin: str | None):
+        with self.transaction() as db:
+            self.end_phase(db, round, phase, "failed", seconds, error, plugin)
+
+    def end_round(self, db, round: int, policy: str, adapter: str | None, seconds: float) -> None:
+        db.execute(
+            "update rounds set status = 'done', ended_at = ?, seconds = ?, policy = ?, adapter = ? "
+            "where round = ?",
+            [now(), round_seconds(seconds), policy, adapter, round],
+        )
+
+    def round_row(self, round: int) -> dict | None:
+        rows = list(self.db.query("select * from rounds where round = ?", [round]))
+        return rows[0] if rows else None
+
+    # -- events ------------------------------------------------------------------
+
+    def add_event(self, round, phase, level, message, plugin=None, data=None) -> None:
+        with self.transaction() as db:
+            db["events"].insert(
+                {
+                    "time": now(),
+                    "round": round,
+                    "phase": phase,
+                    "level": level,
+                    "message": message,
+                    "plugin": plugin,
+                    "data": _json(data or {}),
+                }
+            )
+
+    # -- writing a phase's results (inside commit_phase's transaction) ------------
+
+    def insert_prompt(self, db, p: c.Prompt, round: int) -> int:
+        if p.parent is not None and p.parent.id is None:
+            self.insert_prompt(db, p.parent, round)
+        p.round = round
+        p.id = db["prompts"].insert(
+            {
+                "round": round,
+                "text": p.text,
+                "system": p.system,
+                "source": p.source,
+                "kind": p.kind,
+                "parent_id": p.parent.id if p.parent else None,
+                "meta": _json(p.meta),
+            }
+        ).last_pk
+        return p.id
+
+    def insert_candidate(self, db, cand: c.Candidate, round: int) -> int:
+        if cand.parent is not None and cand.parent.id is None:
+            self.insert_candidate(db, cand.parent, round)
+        if cand.prompt.id is None:
+            self.insert_prompt(db, cand.prompt, round)
+        cand.round = round
+        cand.id = db["candidates"].insert(
+            {
+                "round": round,
+                "prompt_id": cand.prompt.id,
+                "policy": cand.policy,
+                "sample_index": cand.sample_index,
+                "text": cand.text,
+                "num_tokens": cand.num_tokens,
+                "finish_reason": cand.finish_reason,
+                "logprob_sum": cand.logprob_sum,
+                "source": cand.source,
+                "parent_id": cand.parent.id if cand.parent else None,
+                "meta": _json(cand.meta),
+            }
+        ).last_pk
+        return cand.id
+
+    def insert_judgment(self, db, j: c.Judgment, round: int) -> int:
+        if j.candidate.id is None:
+            self.insert_candidate(db, j.candidate, round)
+        j.id = db["judgments"].insert(
+            {
+                "round": round,
+                "candidate_id": j.candidate.id,
+                "judge": j.judge,
+                "sample_index": j.sample_index,
+                "score": j.score,
+                "raw": j.raw,
+                "error": j.error,
+                "meta": _json(j.meta),
+            }
+        ).last_pk
+        return j.id
+
+    def insert_pair(self, db, p: c.Pair, round: int, *, selected: bool) -> int:
+        for cand in (p.chosen, p.rejected):
+            if cand.id is None:
+                self.insert_candidate(db, cand, round)
+        p.id = db["pairs"].insert(
+            {
+                "round": round,
+                "prompt_id": p.prompt.id,
+                "chosen_id": p.chosen.id,
+                "rejected_id": p.rejected.id,
+                "chosen_score": p.chosen_score,
+                "rejected_score": p.rejected_score,
+                "margin": p.margin,
+                "source": p.source,
+                "selected": int(selected),
+            }
+        ).last_pk
+        return p.id
+
+    def insert_selected(self, db, s: c.Selected, round: int) -> int:
+        s.id = db["selected"].insert(
+            {
+                "round": round,
+                "candidate_id": s.candidate.id,
+                "score": s.score,
+                "rank": s.rank,
+                "label": s.label,
+                "group_key": s.group,
+            }
+        ).last_pk
+        return s.id
+
+    def insert_train_step(self, db, step: c.TrainStep, round: int) -> None:
+        db["train_steps"].insert(
+            {
+                "round": round,
+                "step": step.step,
+                "loss": step.loss,
+                "learning_rate": step.learning_rate,
+                "grad_norm": step.grad_norm,
+                "metrics": _json(step.metrics),
+            }
+        )
+
+    def put_metrics(self, db, round: int, metrics: dict[str, float], source: str, phase: str) -> None:
+        for name, value in metrics.items():
+            db["metrics"].upsert(
+                {
+                    "round": round,
+                    "name": name,
+                    "value": None if value is None else float(value),
+                    "source": source,
+                    "phase": phase,
+                },
+                pk=("round", "name"),
+            )
+
+    # -- reads (typed rows as dicts) -----------------------------------------------
+
+    def rows(self, sql: str, params=()) -> list[dict]:
+        return list(self.db.query(sql, params))
+
+    def prompts(self, round: int) -> list[dict]:
+        return self.rows("select * from prompts where round = ? order by id", [round])
+
+    def candidates(self, round: int) -> list[dict]:
+        return self.rows("select * from candidates where round = ? order by id", [round])
+
+    def judgments(self, round: int) -> list[dict]:
+        return self.rows("select * from judgments where round = ? order by id", [round])
+
+    def pairs(self, round: int) -> list[dict]:
+        return self.rows("select * from pairs where round = ? order by id", [round])
+
+    def selected(self, round: int) -> list[dict]:
+        return self.rows("select * from selected where round = ? order by id", [round])
+
+    def train_steps(self, round: int) -> list[dict]:
+        return self.rows("select * from train_steps where round = ? order by step", [round])
+
+    def metrics(self, round: int | None = None) -> dict:
+        """``{round: {name: value}}``, or ``{name: value}`` for one round."""
+        if round is not None:
+            return {
+                r["name"]: r["value"]
+                for r in self.rows("select name, value from metrics where round = ?", [round])
+            }
+        out: dict[int, dict[str, float]] = {}
+        for r in self.rows("select round, name, value from metrics order by round, name"):
+            out.setdefault(r["round"], {})[r["name"]] = r["value"]
+        return out
+
+    def rounds(self) -> list[dict]:
+        return self.rows("select * from rounds order by round")
+
+    def phases(self) -> list[dict]:
+        return self.rows("select * from phases order by round, started_at")
+
+    def events(self, limit: int = 20) -> list[dict]:
+        return list(reversed(self.rows("select * from events order by id desc limit ?", [limit])))
+
+    # -- loading records back as objects (for the next phase) ---------------------
+
+    def load_prompts(self, round: int, *, generate_only: bool = True) -> list[c.Prompt]:
+        """This round's prompts that generation answers (rewritten-away originals excluded)."""
+        rows = self.prompts(round)
+        by_id: dict[int, c.Prompt] = {}
+        for r in rows:
+            by_id[r["id"]] = c.Prompt(
+                text=r["text"],
+                source=r["source"],
+                system=r["system"],
+                parent=by_id.get(r["parent_id"]),
+                kind=r["kind"],
+                meta=json.loads(r["meta"]) if r["meta"] else {},
+                id=r["id"],
+                round=r["round"],
+            )
+        prompts = list(by_id.values())
+        if generate_only:
+            active = self.rows(
+                "select prompt_id from round_prompts where round = ? order by position", [round]
+            )
+            if active:
+                return [by_id[a["prompt_id"]] for a in active]
+        return prompts
+
+    def load_candidates(self, round: int, prompts: dict[int, c.Prompt]) -> list[c.Candidate]:
+        out: dict[int, c.Candidate] = {}
+        for r in self.candidates(round):
+            out[r["id"]] = c.Candidate(
+                prompt=prompts[r["prompt_id"]],
+                text=r["text"],
+                policy=r["policy"],
+                sample_index=r["sample_index"],
+                num_tokens=r["num_tokens"],
+                finish_reason=r["finish_reason"],
+                logprob_sum=r["logprob_sum"],
+                source=r["source"],
+                parent=out.get(r["parent_id"]),
+                meta=json.loads(r["meta"]) if r["meta"] else {},
+                id=r["id"],
+                round=r["round"],
+            )
+        return list(out.values())
+
+
+def round_seconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
+def wait_for_file(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.1)
+    return path.exists()
