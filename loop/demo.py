@@ -1,0 +1,67 @@
+"""``selfloop demo``: the embedded default, end to end, on CPU and offline.
+
+    selfloop demo            # or: make demo
+
+Builds (or reuses, from runs/.cache/) the tiny model of plugins/tinyworld, runs
+self-rewarding rounds with DPO (configs/demo.toml) under the live dashboard, and ends
+with one row per round: held-out accuracy (checked by a verifier the loop never sees),
+judge agreement with that verifier, pairs, mean DPO reward margin, response length and
+seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from loop import __version__
+from loop import runner as r
+from loop.errors import UserError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+
+
+def run_demo(rounds: int = 3, name: str = "demo", overrides: list[str] = (), progress: str = "auto",
+             console: Console | None = None) -> list[dict]:
+    from loop.cli import execute
+    from loop.monitor import open_reader, report_data, report_table
+
+    console = console or Console(stderr=True)
+    if not DEMO_CONFIG.is_file():
+        raise UserError(f"{DEMO_CONFIG}: the demo config is missing from this installation")
+    overrides = [f"rounds={rounds}", f"name={name}", *overrides]
+    config, comps = r.prepare(str(DEMO_CONFIG), overrides)
+    run_dir = config.run_dir
+    t0 = time.monotonic()
+    if (run_dir / r.DB_FILE).is_file() and _status(run_dir) not in ("completed", None):
+        console.print(f"[bold]resuming the unfinished demo run in {run_dir}[/]")
+        runner = r.resume(run_dir)
+    else:
+        with console.status("building the tiny model (first time only; cached in runs/.cache)"):
+            model_path = r.resolve_model_path(config, comps)
+        console.print(f"model: {model_path} ({time.monotonic() - t0:.0f}s)")
+        run_dir = r.create_run(config, comps, model_path, __version__, replace=True)
+        runner = r.Runner(run_dir, config, comps, model_path, resumed=False)
+    execute(runner, progress)
+    store = open_reader(run_dir)
+    try:
+        rows = report_data(store)
+    finally:
+        store.close()
+    Console().print(report_table(rows))
+    console.print(f"total {time.monotonic() - t0:.0f}s; run folder {run_dir} "
+                  f"(`selfloop status {run_dir}`, `sqlite3 {run_dir}/run.db`)")
+    return rows
+
+
+def _status(run_dir: Path) -> str | None:
+    from loop.store import Store
+
+    store = Store.open_readonly(run_dir / r.DB_FILE)
+    try:
+        row = store.run_row()
+        return row["status"] if row else None
+    finally:
+        store.close()
