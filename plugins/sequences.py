@@ -103,3 +103,21 @@ def truncate(prompt: list[int], response: list[int], max_length: int | None) -> 
     if len(prompt) > keep:
         prompt = prompt[-keep:]
     return prompt, response[: max_length - len(prompt)]
+
+
+class seeded:
+    """Seed torch's RNG for one block and restore the previous state afterwards."""
+
+    def __init__(self, seed: int, device) -> None:
+        self.seed = seed
+        dev = torch.device(device)
+        self.devices = [dev.index or 0] if dev.type == "cuda" else []
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=self.devices)
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)

@@ -24,6 +24,7 @@ from plugins.sequences import (
     encode_prompt,
     encode_response,
     left_pad,
+    seeded,
     sequence_logprobs,
     stop_token_ids,
     training_batch,
@@ -120,7 +121,7 @@ class HFGenerator(loop.Generator):
         device = model.device
         input_ids, attention_mask = left_pad(prompts, tok.pad_token_id, device)
         recorder = _RawLogprobs()
-        with torch.no_grad(), _seeded(seed, device):
+        with torch.no_grad(), seeded(seed, device):
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -202,24 +203,6 @@ def _generation_config(sampling: loop.Sampling, copies: int, stops: list[int], p
         suppress_tokens=[],
         begin_suppress_tokens=[],
     )
-
-
-class _seeded:
-    """Seed torch's RNG for one block and restore the previous state afterwards."""
-
-    def __init__(self, seed: int, device) -> None:
-        self.seed = seed
-        dev = torch.device(device)
-        self.devices = [dev.index or 0] if dev.type == "cuda" else []
-
-    def __enter__(self):
-        self._fork = torch.random.fork_rng(devices=self.devices)
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
 
 
 @loop.hookimpl
