@@ -43,7 +43,9 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``input_ids`` and ``attention_mask`` (decoder-only generation)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -69,7 +71,11 @@ def training_batch(
         ids[i, :n] = torch.tensor(list(p) + list(r), dtype=torch.long)
         mask[i, :n] = 1
         labels[i, len(p) : n] = torch.tensor(list(r), dtype=torch.long)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
+    }
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,7 +97,9 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return torch.stack(sums)
 
 
-def truncate(prompt: list[int], response: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
+def truncate(
+    prompt: list[int], response: list[int], max_length: int | None
+) -> tuple[list[int], list[int]]:
     """Fit prompt+response into ``max_length`` tokens.
 
     The prompt loses its oldest tokens only as far as needed for the whole response to

@@ -178,7 +178,9 @@ class HFGenerator(loop.Generator):
                     tok.pad_token_id,
                     model.device,
                 )
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
                 sums.extend(sequence_logprobs(logits, batch["labels"]).tolist())
         return sums
 

@@ -100,10 +100,7 @@ class SelfRewardJudge(loop.Judge):
         judgments: list[loop.Judgment] = []
         for index, start in enumerate(range(0, len(candidates), opts.batch_size)):
             chunk = candidates[start : start + opts.batch_size]
-            chats = [
-                [{"role": "user", "content": template.render(prompt=c.prompt.text, response=c.text)}]
-                for c in chunk
-            ]
+            chats = [_judge_chat(template, c) for c in chunk]
             sampling = loop.Sampling(
                 n=opts.samples,
                 temperature=opts.temperature,
@@ -111,7 +108,9 @@ class SelfRewardJudge(loop.Judge):
                 max_new_tokens=opts.max_new_tokens,
                 seed=ctx.derive_seed(self.label, index),
             )
-            outputs = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter, progress=False)
+            outputs = ctx.generator.generate(
+                ctx, chats, sampling, adapter=ctx.adapter, progress=False
+            )
             for candidate, completions in zip(chunk, outputs):
                 for i, completion in enumerate(completions):
                     score = parse_score(completion.text, opts.min_score, opts.max_score)
@@ -127,6 +126,12 @@ class SelfRewardJudge(loop.Judge):
                     )
             ctx.progress(start + len(chunk), len(candidates))
         return loop.JudgeResult(judgments=judgments, metrics=_metrics(judgments))
+
+
+def _judge_chat(template, candidate: loop.Candidate) -> loop.Chat:
+    """The grading request for one candidate, as one user message."""
+    text = template.render(prompt=candidate.prompt.text, response=candidate.text)
+    return [{"role": "user", "content": text}]
 
 
 def _metrics(judgments: list[loop.Judgment]) -> dict[str, float]:

@@ -56,10 +56,15 @@ class TopKSelector(loop.Selector):
         else:
             chosen = [(rank, c) for rank, c in ranked if rank < opts.k]
         selected = [
-            loop.Selected(candidate=c, score=scores[c.id], rank=rank, label="top", group=c.prompt.id)
+            loop.Selected(
+                candidate=c, score=scores[c.id], rank=rank, label="top", group=c.prompt.id
+            )
             for rank, c in chosen
         ]
-        metrics = {"select/selected": float(len(selected)), "select/skipped_prompts": float(skipped)}
+        metrics = {
+            "select/selected": float(len(selected)),
+            "select/skipped_prompts": float(skipped),
+        }
         if selected:
             metrics["select/mean_score"] = sum(s.score for s in selected) / len(selected)
         return loop.Selection(selected=selected, metrics=metrics)

@@ -24,7 +24,14 @@ from pydantic import Field, field_validator, model_validator
 
 import loop
 from loop.context import derive_seed
-from plugins.sequences import encode_prompt, encode_response, seeded, sequence_logprobs, training_batch, truncate
+from plugins.sequences import (
+    encode_prompt,
+    encode_response,
+    seeded,
+    sequence_logprobs,
+    training_batch,
+    truncate,
+)
 from plugins.updaters.losses import LOSSES, USES_LABEL_SMOOTHING
 
 
@@ -137,7 +144,9 @@ class DPOUpdater(loop.Updater):
         for pair in pairs:
             prompt = encode_prompt(tok, _chat(pair.prompt, ctx.system))
             p_c, chosen = truncate(prompt, encode_response(tok, pair.chosen.text), opts.max_length)
-            p_r, rejected = truncate(prompt, encode_response(tok, pair.rejected.text), opts.max_length)
+            p_r, rejected = truncate(
+                prompt, encode_response(tok, pair.rejected.text), opts.max_length
+            )
             examples.append((p_c, chosen, p_r, rejected))
 
         # 2. reference log-probs, once, under the previous policy
@@ -156,7 +165,9 @@ class DPOUpdater(loop.Updater):
         with seeded(ctx.seed, device):
             model = policy.trainable(self.lora_config(), init_from=ctx.adapter, seed=ctx.seed)
             params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+            optimizer = torch.optim.AdamW(
+                params, lr=opts.learning_rate, weight_decay=opts.weight_decay
+            )
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opts, total))
             loss_fn = LOSSES[opts.loss]
             model.train()
@@ -186,7 +197,8 @@ class DPOUpdater(loop.Updater):
     def _step(self, model, micro_batches, examples, ref, loss_fn, params, optimizer, tok, device):
         opts = self.options
         size = sum(len(mb) for mb in micro_batches)
-        sums = {"loss": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/accuracy": 0.0}
+        keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy")
+        sums = dict.fromkeys(keys, 0.0)
         optimizer.zero_grad(set_to_none=True)
         for mb in micro_batches:
             pol_c, pol_r = _pair_logps(model, [examples[i] for i in mb], tok.pad_token_id, device)
@@ -195,7 +207,9 @@ class DPOUpdater(loop.Updater):
             kwargs = {"beta": opts.beta}
             if opts.loss in USES_LABEL_SMOOTHING:
                 kwargs["label_smoothing"] = opts.label_smoothing
-            losses, chosen_r, rejected_r = loss_fn(pol_c.float(), pol_r.float(), ref_c, ref_r, **kwargs)
+            losses, chosen_r, rejected_r = loss_fn(
+                pol_c.float(), pol_r.float(), ref_c, ref_r, **kwargs
+            )
             # weight each micro-batch by its share of the step, so the step's gradient is
             # the mean over all its pairs
             (losses.sum() / size).backward()
