@@ -241,6 +241,19 @@ def test_reference_is_the_previous_policy(round_one, tiny_policy, tmp_path):
     assert any(abs(a - b) > 1e-3 for a, b in zip(ref_chosen, base_chosen))
 
 
+def test_fresh_adapter_after_a_loaded_one(round_one, tiny_policy, tmp_path):
+    """A new run (adapter None) on a policy whose slot already holds weights starts over:
+    B = 0 again, so the first step sees policy == base == reference."""
+    with tiny_policy.using(round_one["dir"]):
+        pass  # the slot now holds round 1's weights
+    ctx = make_context(tiny_policy, phase="update", seed=5)
+    out = tmp_path / "fresh"
+    result = DPOUpdater(fast_options(epochs=2)).update(ctx, loop.Selection(pairs=make_pairs()), str(out))
+    assert result.steps[0].loss == pytest.approx(math.log(2), abs=1e-6)
+    assert result.steps[1].loss < result.steps[0].loss
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_no_pairs_is_a_clear_error(tiny_policy, tmp_path):
     ctx = make_context(tiny_policy, phase="update")
     with pytest.raises(loop.UserError, match="no preference pairs"):

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 from pydantic import Field
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import loop
 from loop.context import derive_seed
@@ -31,7 +32,7 @@ from plugins.sequences import (
 )
 
 
-class _RawLogprobs:
+class _RawLogprobs(LogitsProcessor):
     """A logits processor that records each sampled token's log-prob under the raw logits.
 
     transformers runs custom processors after its own (we switch those off, see
@@ -126,7 +127,7 @@ class HFGenerator(loop.Generator):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=_generation_config(sampling, copies, stops, tok.pad_token_id),
-                logits_processor=[recorder],
+                logits_processor=LogitsProcessorList([recorder]),
             )
         generated = out[:, input_ids.shape[1] :]
         token_logprobs = recorder.finish(generated)

@@ -43,7 +43,7 @@ class TopKSelector(loop.Selector):
         opts = self.options
         ranked_groups = []
         skipped = 0
-        for key, group in group_by_prompt(candidates, scores).items():
+        for group in group_by_prompt(candidates, scores).values():
             if not group:
                 skipped += 1
                 continue
