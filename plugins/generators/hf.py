@@ -1,0 +1,213 @@
+"""The transformers generator: samples from the shared policy (base model + LoRA adapter).
+
+Config::
+
+    [generator]
+    name = "hf"
+    batch_size = 32
+
+It runs on the same model object the PEFT updater trains (``ctx.policy()``), so on CPU
+and on one GPU there is never a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from pydantic import Field
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import loop
+from loop.context import derive_seed
+from plugins.sequences import (
+    encode_prompt,
+    encode_response,
+    left_pad,
+    seeded,
+    sequence_logprobs,
+    stop_token_ids,
+    training_batch,
+)
+
+
+class _RawLogprobs(LogitsProcessor):
+    """A logits processor that records each sampled token's log-prob under the raw logits.
+
+    transformers runs custom processors after its own (we switch those off, see
+    ``_generation_config``) and before the sampling warpers (temperature, top-p), so
+    ``scores`` here are the model's logits. The token sampled at step t is only known at
+    step t+1 (it is the last of ``input_ids``); the last step is gathered by ``finish``.
+    Memory is one [rows, vocab] tensor, not one per step.
+    """
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.taken: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.taken.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """[rows, steps] log-probs of ``generated`` (the new tokens, one column per step)."""
+        if self.previous is not None and len(self.taken) < generated.shape[1]:
+            self.taken.append(self.previous.gather(1, generated[:, -1:]).squeeze(1))
+        self.previous = None
+        if not self.taken:
+            return torch.zeros(generated.shape, dtype=torch.float32, device=generated.device)
+        return torch.stack(self.taken, dim=1)
+
+
+class HFGenerator(loop.Generator):
+    """Batched, left-padded sampling with ``model.generate`` (transformers + PEFT).
+
+    Per sample it returns a ``loop.Completion``:
+
+    - ``text``: the continuation up to (not including) the first end-of-sequence token,
+      decoded with special tokens skipped;
+    - ``num_tokens``: generated tokens, counting the end-of-sequence token when there is
+      one (it is a token the model chose, and the one DPO trains on after the text);
+    - ``finish_reason``: "stop" when an end-of-sequence token was generated, else "length";
+    - ``logprob_sum``: the sum over those same ``num_tokens`` tokens of their log-prob under
+      the model's raw distribution (log-softmax of the logits, before temperature or top-p),
+      i.e. what ``logprobs()`` gives for the text when it ends with EOS. With greedy
+      decoding it is the log-prob of the argmax path.
+
+    ``Sampling`` is the whole sampling specification: temperature 0 means greedy; top-k,
+    repetition penalties and other defaults from the model's ``generation_config.json``
+    are switched off. Each batch of prompts is seeded from ``sampling.seed`` and the batch
+    index, so a call is reproducible given its seed, its chats and ``batch_size``; the
+    global torch RNG is left as it was.
+    """
+
+    name = "hf"
+
+    class Options(loop.Generator.Options):
+        # Prompts per generate() call (each with n samples): bounds memory on long prompts.
+        batch_size: int = Field(32, ge=1)
+
+    def generate(
+        self,
+        ctx,
+        chats: Sequence[loop.Chat],
+        sampling: loop.Sampling,
+        *,
+        adapter: str | None,
+        progress: bool = True,
+    ) -> list[list[loop.Completion]]:
+        if sampling.n < 1:
+            raise ValueError(f"sampling.n must be at least 1, got {sampling.n}")
+        policy = ctx.policy()
+        tok = policy.tokenizer
+        prompts = [encode_prompt(tok, chat) for chat in chats]
+        size = self.options.batch_size
+        results: list[list[loop.Completion]] = []
+        with policy.using(adapter) as model:
+            stops = stop_token_ids(tok, model)
+            for index, start in enumerate(range(0, len(prompts), size)):
+                batch = prompts[start : start + size]
+                seed = derive_seed(sampling.seed, "batch", index)
+                results.extend(self._generate_batch(model, tok, batch, sampling, stops, seed))
+                if progress:
+                    ctx.progress(min(start + size, len(prompts)), len(prompts))
+        return results
+
+    def _generate_batch(self, model, tok, prompts, sampling, stops, seed):
+        greedy = sampling.temperature <= 0.0
+        copies = 1 if greedy else sampling.n  # greedy samples are all the same path
+        device = model.device
+        input_ids, attention_mask = left_pad(prompts, tok.pad_token_id, device)
+        recorder = _RawLogprobs()
+        with torch.no_grad(), seeded(seed, device):
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=_generation_config(sampling, copies, stops, tok.pad_token_id),
+                logits_processor=LogitsProcessorList([recorder]),
+            )
+        generated = out[:, input_ids.shape[1] :]
+        token_logprobs = recorder.finish(generated)
+        stop_set = set(stops)
+        completions: list[list[loop.Completion]] = []
+        for p in range(len(prompts)):
+            samples = []
+            for c in range(copies):
+                row = p * copies + c
+                ids = generated[row].tolist()
+                end = next((i for i, t in enumerate(ids) if t in stop_set), None)
+                kept = ids if end is None else ids[: end + 1]
+                text_ids = kept if end is None else kept[:-1]
+                samples.append(
+                    loop.Completion(
+                        text=tok.decode(text_ids, skip_special_tokens=True),
+                        num_tokens=len(kept),
+                        finish_reason="length" if end is None else "stop",
+                        logprob_sum=float(token_logprobs[row, : len(kept)].sum()),
+                    )
+                )
+            if greedy:  # n separate records of the one greedy path
+                samples = [dataclasses.replace(samples[0]) for _ in range(sampling.n)]
+            completions.append(samples)
+        return completions
+
+    def logprobs(
+        self,
+        ctx,
+        chats: Sequence[loop.Chat],
+        responses: Sequence[str],
+        *,
+        adapter: str | None,
+    ) -> list[float]:
+        """Teacher-forced sum of log-probs of each response's tokens followed by EOS."""
+        if len(chats) != len(responses):
+            raise ValueError(f"{len(chats)} chats but {len(responses)} responses")
+        policy = ctx.policy()
+        tok = policy.tokenizer
+        prompts = [encode_prompt(tok, chat) for chat in chats]
+        answers = [encode_response(tok, r) for r in responses]
+        size = self.options.batch_size
+        sums: list[float] = []
+        with policy.using(adapter) as model, torch.no_grad():
+            for start in range(0, len(prompts), size):
+                batch = training_batch(
+                    prompts[start : start + size],
+                    answers[start : start + size],
+                    tok.pad_token_id,
+                    model.device,
+                )
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                sums.extend(sequence_logprobs(logits, batch["labels"]).tolist())
+        return sums
+
+
+def _generation_config(sampling: loop.Sampling, copies: int, stops: list[int], pad_id: int):
+    from transformers import GenerationConfig
+
+    greedy = sampling.temperature <= 0.0
+    return GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_p=None if greedy else sampling.top_p,
+        top_k=None if greedy else 0,  # 0 = off (transformers' own default is 50)
+        num_return_sequences=copies,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+        # Neutral values for processors a model's generation_config.json may switch on:
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
+
+
+@loop.hookimpl
+def register_generators(register):
+    register(HFGenerator)

@@ -1,0 +1,138 @@
+"""Shared fixtures: a tiny random Llama chat model built in-process, and component contexts.
+
+Nothing is downloaded. The model folder is a normal Hugging Face folder (safetensors,
+tokenizer.json with a chat template), so the code under test loads it exactly as it
+loads a real model.
+"""
+
+from __future__ import annotations
+
+import string
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+SPECIALS = ["<pad>", "<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def pytest_report_header(config):
+    import peft
+    import transformers
+
+    line = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    try:
+        import vllm  # noqa: F401
+
+        line += f", vllm {vllm.__version__}"
+    except Exception:
+        line += ", vllm not installed"
+    return line
+
+
+def build_tokenizer():
+    """A character-level tokenizer (small alphabet, so <eos> is sampled now and then)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = string.ascii_letters + string.digits + " .,:;!?'\"-()\n"
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<eos>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_model_dir):
+    """One shared Policy, as in a run (generator and updater use the same model object)."""
+    from loop.policy import Policy
+
+    return Policy(tiny_model_dir, device="cpu", dtype="float32")
+
+
+def make_context(
+    policy=None,
+    *,
+    generator=None,
+    adapter=None,
+    seed=0,
+    round=1,
+    phase="generate",
+    run_dir=None,
+    progress=None,
+    source_dir=None,
+):
+    """A ``loop.context.Context`` for a component test (no store, no runner)."""
+    from loop.context import Context
+
+    return Context(
+        config=types.SimpleNamespace(seed=seed, source_dir=source_dir),
+        run_dir=Path(run_dir or "."),
+        round=round,
+        phase=phase,
+        adapter=adapter,
+        policy_label="base" if adapter is None else f"round-{round - 1}",
+        store=None,
+        generator=generator,
+        _policy_factory=(lambda: policy) if policy is not None else None,
+        _progress=progress,
+    )
+
+
+@pytest.fixture
+def make_ctx(tiny_policy):
+    """``make_ctx(**kw)`` -> a Context whose ``policy()`` is the shared tiny policy."""
+
+    def make(**kw):
+        return make_context(kw.pop("policy", tiny_policy), **kw)
+
+    return make

@@ -1,0 +1,156 @@
+"""The transformers generator on the tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loop
+from plugins.generators.hf import HFGenerator
+from plugins.sequences import encode_response
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "What is two plus two? Answer in one word, please."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+]
+
+
+@pytest.fixture
+def gen():
+    return HFGenerator(HFGenerator.Options(batch_size=8))
+
+
+def test_n_samples_per_prompt(gen, make_ctx):
+    out = gen.generate(make_ctx(), CHATS, loop.Sampling(n=3, temperature=1.0, max_new_tokens=8, seed=1), adapter=None)
+    assert [len(samples) for samples in out] == [3, 3, 3]
+    for samples in out:
+        for c in samples:
+            assert 1 <= c.num_tokens <= 8
+            assert c.finish_reason in ("stop", "length")
+            assert c.logprob_sum is not None and c.logprob_sum < 0
+
+
+def test_left_padding_matches_unbatched_greedy(make_ctx):
+    ctx = make_ctx()
+    sampling = loop.Sampling(n=1, temperature=0.0, max_new_tokens=16)
+    batched = HFGenerator(HFGenerator.Options(batch_size=8)).generate(ctx, CHATS, sampling, adapter=None)
+    single = HFGenerator(HFGenerator.Options(batch_size=1)).generate(ctx, CHATS, sampling, adapter=None)
+    assert [s[0].text for s in batched] == [s[0].text for s in single]
+    assert len({s[0].text for s in single}) == len(CHATS)  # prompts really differ
+    for b, s in zip(batched, single):
+        assert b[0].num_tokens == s[0].num_tokens
+        assert b[0].logprob_sum == pytest.approx(s[0].logprob_sum, abs=1e-4)
+
+
+def test_greedy_n_copies_are_equal_and_separate(gen, make_ctx):
+    out = gen.generate(make_ctx(), CHATS[:1], loop.Sampling(n=2, temperature=0.0, max_new_tokens=8), adapter=None)
+    a, b = out[0]
+    assert a == b and a is not b
+
+
+def test_seed_makes_generation_reproducible(gen, make_ctx):
+    ctx = make_ctx()
+    s = loop.Sampling(n=2, temperature=1.0, max_new_tokens=12, seed=7)
+    state = torch.get_rng_state()
+    first = gen.generate(ctx, CHATS, s, adapter=None)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
+    torch.manual_seed(123)  # global state must not matter either
+    again = gen.generate(ctx, CHATS, s, adapter=None)
+    other = gen.generate(ctx, CHATS, loop.Sampling(n=2, temperature=1.0, max_new_tokens=12, seed=8), adapter=None)
+    assert first == again
+    assert [c.text for x in first for c in x] != [c.text for x in other for c in x]
+
+
+def _many(gen, ctx, **kw):
+    sampling = loop.Sampling(n=16, max_new_tokens=20, seed=3, **kw)
+    return [c for samples in gen.generate(ctx, CHATS, sampling, adapter=None) for c in samples]
+
+
+def test_finish_reasons(gen, make_ctx):
+    samples = _many(gen, make_ctx(), temperature=1.0)
+    reasons = {c.finish_reason for c in samples}
+    assert reasons == {"stop", "length"}, "the seeded sample should hold both kinds"
+    for c in samples:
+        if c.finish_reason == "length":
+            assert c.num_tokens == 20
+        else:
+            assert c.num_tokens <= 20
+            assert "<eos>" not in c.text
+
+
+def test_logprob_sum_is_raw_teacher_forced_logprob(gen, make_ctx):
+    """Sampled at temperature 0.7 / top-p 0.9, but the sum is under the raw distribution."""
+    ctx = make_ctx()
+    sampling = loop.Sampling(n=16, max_new_tokens=20, seed=3, temperature=0.7, top_p=0.9)
+    out = gen.generate(ctx, CHATS, sampling, adapter=None)
+    tok = ctx.policy().tokenizer
+    compared = 0
+    for chat, samples in zip(CHATS, out):
+        for c in samples:
+            # "stop" samples whose text re-tokenizes to the generated tokens (a skipped
+            # special token in the middle would not)
+            if c.finish_reason == "stop" and len(encode_response(tok, c.text)) == c.num_tokens:
+                forced = gen.logprobs(ctx, [chat], [c.text], adapter=None)[0]
+                assert forced == pytest.approx(c.logprob_sum, abs=1e-4)
+                compared += 1
+    assert compared >= 2
+
+
+def test_logprobs_batched_equals_single(gen, make_ctx):
+    ctx = make_ctx()
+    responses = ["Four.", "Blue, I think", ""]
+    together = gen.logprobs(ctx, CHATS, responses, adapter=None)
+    alone = [gen.logprobs(ctx, [c], [r], adapter=None)[0] for c, r in zip(CHATS, responses)]
+    assert together == pytest.approx(alone, abs=1e-4)
+    assert together[0] != together[1]
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter with nonzero A and B (PEFT's init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_adapter_changes_the_policy(gen, make_ctx, random_adapter):
+    ctx = make_ctx()
+    responses = ["Four.", "Blue", "Hello there"]
+    base = gen.logprobs(ctx, CHATS, responses, adapter=None)
+    adapted = gen.logprobs(ctx, CHATS, responses, adapter=random_adapter)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(base, adapted))
+    assert gen.logprobs(ctx, CHATS, responses, adapter=None) == pytest.approx(base, abs=1e-5)
+    greedy = loop.Sampling(n=1, temperature=0.0, max_new_tokens=12)
+    texts_base = [s[0].text for s in gen.generate(ctx, CHATS, greedy, adapter=None)]
+    texts_adapted = [s[0].text for s in gen.generate(ctx, CHATS, greedy, adapter=random_adapter)]
+    assert texts_base != texts_adapted
+
+
+def test_progress_per_batch(make_ctx):
+    seen = []
+    ctx = make_ctx(progress=lambda done, total, metrics: seen.append((done, total)))
+    gen = HFGenerator(HFGenerator.Options(batch_size=2))
+    gen.generate(ctx, CHATS, loop.Sampling(n=1, max_new_tokens=2), adapter=None)
+    assert seen == [(2, 3), (3, 3)]
+    gen.generate(ctx, CHATS, loop.Sampling(n=1, max_new_tokens=2), adapter=None, progress=False)
+    assert len(seen) == 2
+
+
+def test_registered_through_the_hook():
+    from plugins.generators import hf
+
+    got = []
+    hf.register_generators(got.append)
+    assert got == [HFGenerator] and HFGenerator.name == "hf"
