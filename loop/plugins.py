@@ -29,11 +29,11 @@ from loop.components import KINDS, Component
 from loop.errors import ConfigError, PluginError
 
 BUILTINS = (
-    # "plugins.generators.hf",
-    # "plugins.judges.self_reward",
-    # "plugins.selectors.pairs",
-    # "plugins.selectors.top_k",
-    # "plugins.updaters.dpo",
+    "plugins.generators.hf",
+    "plugins.judges.self_reward",
+    "plugins.selectors.pairs",
+    "plugins.selectors.top_k",
+    "plugins.updaters.dpo",
     # "plugins.tinyworld",
 )
 

@@ -190,9 +190,15 @@ class Policy:
                 self._peft.set_adapter("default")
             state = load_file(str(folder / ADAPTER_WEIGHTS), device=self.device)
             result = set_peft_model_state_dict(self._peft, state, adapter_name="default")
-            missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if missing:
-                raise UserError(f"{folder}: adapter weights do not fit the model: {missing[:3]}")
+            # Every LoRA weight of the slot must come from the folder: a missing one would
+            # silently keep the previous round's value.
+            missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if missing or unexpected:
+                raise UserError(
+                    f"{folder}: adapter weights do not fit the model "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
         self._peft.to(self.device)
         self._peft.eval()
 
