@@ -95,6 +95,12 @@ class Policy:
 
             if self.threads:
                 torch.set_num_threads(self.threads)
+            if "TRANSFORMERS_VERBOSITY" not in os.environ:
+                # Generation warnings would scroll the dashboard away; opt back in with
+                # TRANSFORMERS_VERBOSITY=warning.
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.set_verbosity_error()
             try:
                 model = AutoModelForCausalLM.from_pretrained(
                     self.model_path,

@@ -273,6 +273,8 @@ class Runner:
     # -- entry point ---------------------------------------------------------------
 
     def run(self) -> str:
+        # Runs never download: a model must be a local folder or already in the hub cache.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.lock.acquire()
         old_handler = None
         try:
