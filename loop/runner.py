@@ -189,11 +189,7 @@ def create_run(config: RunConfig, comps: Components, model_path: str, version: s
     """Make ``<runs_dir>/<name>`` atomically: built in a temp folder, then renamed."""
     run_dir = config.run_dir
     if run_dir.exists():
-        if not replace:
-            raise UserError(
-                f"{run_dir} already exists: `selfloop resume {run_dir}` continues it, or "
-                "choose another name (--set name=NEW)"
-            )
+        _refuse_existing(config, replace)
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.parent / f".{config.name}.creating-{os.getpid()}"
@@ -212,6 +208,14 @@ def create_run(config: RunConfig, comps: Components, model_path: str, version: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return run_dir
+
+
+def _refuse_existing(config: RunConfig, replace: bool) -> None:
+    if config.run_dir.exists() and not replace:
+        raise UserError(
+            f"{config.run_dir} already exists: `selfloop resume {config.run_dir}` continues it, "
+            "or choose another name (--set name=NEW)"
+        )
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -711,6 +715,8 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
           replace: bool = False, version: str = "0") -> Runner:
     """Validate, create the run folder and return a Runner (not yet running)."""
     config, comps = prepare(config_path, overrides, data=data, extra_plugins=extra_plugins)
+    # Before the model: a builder may take minutes, and it writes its cache under runs_dir.
+    _refuse_existing(config, replace)
     model_path = resolve_model_path(config, comps)
     run_dir = create_run(config, comps, model_path, version, replace=replace)
     return Runner(run_dir, config, comps, model_path, resumed=False)
