@@ -15,6 +15,8 @@ attempts; and the adapter folders, file for file, byte for byte.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,8 +96,8 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, reference, nam
             proc = cli_popen(*args, "--progress", "off")
             wait_for_phase(proc, db, where, what)
             try:
-                proc.wait(timeout=0.1)  # let it get into the phase's work
-            except Exception:
+                proc.wait(timeout=0.05)  # let it get into the phase's work
+            except subprocess.TimeoutExpired:
                 pass
             sigkill(proc)
             assert phase_status(db, where, what) == "running", "killed after the phase ended"
@@ -151,3 +153,29 @@ def test_snapshot_comparison_can_fail(tmp_path, reference):
     with pytest.raises(AssertionError):
         assert_same(ref_db, got_db)
     assert got_db["prompts"]["sha256"] != ref_db["prompts"]["sha256"]
+
+
+def test_ctrl_c_stops_after_the_phase_and_resume_ends_the_same(tmp_path, reference):
+    """One SIGINT (Ctrl-C): the current phase finishes and commits, the run stops with exit
+    code 130 and status "interrupted"; resume then ends like the uninterrupted run."""
+    ref_dir, ref_runs = reference
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "c.toml", runs, **SLOW)
+    run_dir = runs / "fake"
+    db = run_dir / "run.db"
+    proc = cli_popen("run", str(config), "--progress", "plain")
+    wait_for_phase(proc, db, 2, "generate")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"selfloop resume {run_dir}" in err.strip().splitlines()[-1]
+    assert phase_status(db, 2, "generate") == "done"  # the phase in flight was finished
+    assert phase_status(db, 2, "judge") is None
+    assert rows(db, "select status from runs")[0]["status"] == "interrupted"
+    final = cli_inprocess("resume", str(run_dir), "--progress", "off")
+    assert final.exit_code == 0, final.stderr
+    assert rows(db, "select count(*) n from phases where attempt > 1")[0]["n"] == 0
+    ref_db, ref_adapters = snapshot(ref_dir, ref_runs)
+    got_db, got_adapters = snapshot(run_dir, runs)
+    assert_same(ref_db, got_db)
+    assert got_adapters == ref_adapters
