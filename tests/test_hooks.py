@@ -462,3 +462,34 @@ def test_docs_plugin_example_runs(tmp_path):
     metrics = {m["name"]: m["value"] for m in rows(db, "select name, value from metrics where round = 1")}
     assert metrics["length/mean_chars"] > 0 and "length/mean_distance" in metrics
     assert "[length] round 1: mean chars" in result.stdout
+
+
+def _hook_examples() -> dict[str, str]:
+    """The python example of each hook's section in docs/plugins.md."""
+    text = DOCS.read_text().split("## A complete plugin", 1)[0]
+    out = {}
+    for name, body in re.findall(r"^### (\w+)\n(.*?)(?=^### |\Z)", text, re.M | re.S):
+        block = re.search(r"```python\n(.*?)```", body, re.S)
+        if block:
+            out[name] = block.group(1)
+    return out
+
+
+@pytest.mark.parametrize("hook", sorted(HOOKS))
+def test_docs_hook_example_loads_as_a_plugin(tmp_path, hook):
+    """Each hook's example is a working plugin file that implements that hook."""
+    code = _hook_examples().get(hook)
+    assert code, f"docs/plugins.md: the {hook} section has no python example"
+    path = tmp_path / f"example_{hook}.py"
+    path.write_text(code)
+    name = plugins.load_plugin_file(path)
+    try:
+        pm = plugins.get_manager()
+        implemented = {h.name for h in pm.get_hookcallers(pm.get_plugin(name))}
+        assert hook in implemented
+        reg = plugins.registry()
+        if hook in plugins.REGISTRATION_HOOKS:
+            kind = plugins.REGISTRATION_HOOKS[hook]
+            assert [n for n, c in reg.components[kind].items() if c.plugin == name]
+    finally:
+        plugins.unregister(name=name)
