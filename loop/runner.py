@@ -118,9 +118,10 @@ def build_components(config: RunConfig) -> Components:
 def resolve_model_path(config: RunConfig, comps: Components) -> str:
     """The base model folder: a local folder, a cached hub snapshot, or a builder's output."""
     if comps.model_builder is not None:
-        cache = Path(config.runs_dir) / ".cache"
+        cache = Path(config.runs_dir).resolve() / ".cache"
         cache.mkdir(parents=True, exist_ok=True)
-        return comps.model_builder.build(str(cache))
+        # Absolute: runs.model_path must still point at it when resumed from another folder.
+        return str(Path(comps.model_builder.build(str(cache))).resolve())
     raw = config.model.path
     p = Path(raw).expanduser()
     if not p.is_absolute() and config.source_dir is not None and (config.source_dir / p).exists():
@@ -725,6 +726,9 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
 def resume(run_dir: str | Path, extra_plugins=()) -> Runner:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    # The saved runs_dir may be relative to where the run started; the run folder's parent
+    # is where it is now (the model cache lives there too), whatever the current folder.
+    config.runs_dir = str(run_dir.resolve().parent)
     for p in extra_plugins:
         plugins.load_plugin_file(p)
     comps = build_components(config)

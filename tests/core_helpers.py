@@ -110,11 +110,12 @@ def write_config(path: Path, runs_dir: Path, **kw) -> Path:
 # -- the CLI -------------------------------------------------------------------------
 
 
-def cli(*args: str, timeout: float = 120, check_rc: int | None = None, **env_extra) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 120, check_rc: int | None = None, cwd: Path = ROOT,
+        **env_extra) -> subprocess.CompletedProcess:
     """``python -m loop ARGS`` in a subprocess."""
     proc = subprocess.run(
         [PYTHON, "-m", "loop", *args], capture_output=True, text=True, timeout=timeout,
-        env=env(**env_extra), cwd=str(ROOT),
+        env=env(**env_extra), cwd=str(cwd),
     )
     if check_rc is not None:
         assert proc.returncode == check_rc, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])

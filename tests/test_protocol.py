@@ -334,3 +334,34 @@ def test_stale_lock_of_a_killed_process_does_not_block_resume(tmp_path):
     (ph,) = rows(db, "select * from phases where round = 1 and phase = 'generate'")
     assert ph["status"] == "done" and ph["attempt"] == 2
     assert count(db, "select count(*) from candidates") == 6 * 2
+
+
+def test_resume_from_another_folder_finds_the_model_and_cache(tmp_path, monkeypatch):
+    """A run started with a relative runs_dir stores an absolute model path, and a resume
+    from another working folder uses the run's own runs_dir (for the model cache too)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    text = write_config(tmp_path / "c.toml", Path("runs"), rounds=1, per_round=2, n=2,
+                        generator={"fail": True}).read_text()
+    config = tmp_path / "c.toml"
+    assert cli("run", str(config), "--progress", "off", cwd=a).returncode == 1
+    run_dir = a / "runs" / "fake"
+    db = run_dir / "run.db"
+    model_path = rows(db, "select model_path from runs")[0]["model_path"]
+    assert model_path == str(a / "runs" / ".cache" / "fake-model")
+    assert json.loads((run_dir / "config.json").read_text())["runs_dir"] == "runs"
+    assert 'runs_dir = "runs"' in text
+    # The cached model is gone (cleaned up), the run is resumed from folder b.
+    import shutil
+
+    shutil.rmtree(a / "runs" / ".cache")
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["generator"]["fail"] = False
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(b)
+    result = cli_inprocess("resume", str(run_dir), "--progress", "off")
+    assert result.exit_code == 0, result.stderr
+    assert list(b.iterdir()) == []  # nothing written in the current folder
+    assert (a / "runs" / ".cache" / "fake-model" / "config.json").is_file()
+    assert rows(db, "select status from runs")[0]["status"] == "completed"
