@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -353,8 +354,6 @@ def test_resume_from_another_folder_finds_the_model_and_cache(tmp_path, monkeypa
     assert json.loads((run_dir / "config.json").read_text())["runs_dir"] == "runs"
     assert 'runs_dir = "runs"' in text
     # The cached model is gone (cleaned up), the run is resumed from folder b.
-    import shutil
-
     shutil.rmtree(a / "runs" / ".cache")
     saved = json.loads((run_dir / "config.json").read_text())
     saved["generator"]["fail"] = False
