@@ -273,6 +273,11 @@ def test_failing_component_marks_phase_failed_then_resume_retries(tmp_path):
     assert count(db, "select count(*) from phases where status = 'done' and round = 1") == 2
     assert count(db, "select count(*) from candidates") == 0
 
+    # `status` shows the failure (a reader, while nothing runs).
+    shown = cli_inprocess("status", str(run_dir))
+    assert shown.exit_code == 0 and "fake [failed]" in shown.stdout
+    assert "round 1 generate failed: generate failed in generator 'fake'" in " ".join(shown.stdout.split())
+
     # Resuming without a fix fails the same way, attempt 2.
     again = cli_inprocess("resume", str(run_dir), "--progress", "off")
     assert again.exit_code == 1 and "told to fail" in again.stderr
