@@ -192,7 +192,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         )
     key, _, raw = text.partition("=")
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    if not all(path):
+    if any(p == "" for p in path):  # (not `all(path)`: index 0 is falsy)
         raise ConfigError(f"--set {text!r}: empty key segment; write for example generate.n=8")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -252,8 +252,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict |
     if data is None:
         data = read_toml(path)
     for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(data, keys, value, text)
+        try:
+            keys, value = parse_override(text)
+            apply_override(data, keys, value, text)
+        except ConfigError as e:  # name the file the override applies to
+            raise ConfigError(str(e), file=label) from None
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.columns import Columns
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -95,7 +96,8 @@ def render(s: Snapshot, now: float | None = None) -> Group:
     total_rounds = s.rounds + 1  # round 0 evaluates the starting policy
     head.add_row(
         "rounds", _bar(s.rounds_done, total_rounds),
-        f"{s.rounds_done}/{total_rounds} (round 0 = start)  {s.name}  [{s.status}]",
+        # Plain strings in rich tables are markup: "[completed]" would vanish unescaped.
+        escape(f"{s.rounds_done}/{total_rounds} (round 0 = start)  {s.name}  [{s.status}]"),
     )
     if s.phase is not None:
         elapsed = now - s.phase_started if s.phase_started else 0.0
@@ -105,8 +107,8 @@ def render(s: Snapshot, now: float | None = None) -> Group:
         extra = "  ".join(f"{k}={_fmt(v)}" for k, v in list(s.phase_metrics.items())[:3])
         head.add_row(
             s.phase, _bar(s.done, s.total),
-            f"round {s.round}  {count}  {rate or 0:.1f}/s  elapsed {_duration(elapsed)}"
-            f"  eta {_duration(eta)}  {extra}",
+            escape(f"round {s.round}  {count}  {rate or 0:.1f}/s  elapsed {_duration(elapsed)}"
+                   f"  eta {_duration(eta)}  {extra}"),
         )
     parts.append(head)
     recent = {r: s.metrics[r] for r in sorted(s.metrics)[-6:]}
@@ -371,7 +373,7 @@ PHASE_SHORT = {"propose": "prop", "optimise": "opt", "generate": "gen", "judge":
 
 def status_table(data: dict) -> Group:
     """Two tables: rounds x phases (durations, progress, failures), then key metrics."""
-    t = Table(title=f"{data['name']} [{data['status']}]", title_justify="left")
+    t = Table(title=escape(f"{data['name']} [{data['status']}]"), title_justify="left")
     t.add_column("round", justify="right")
     for p in PHASE_ORDER:
         t.add_column(PHASE_SHORT[p], justify="right")
@@ -396,7 +398,7 @@ def status_table(data: dict) -> Group:
     ]
     if failed:
         r, p, err = failed[-1]
-        t.caption = f"round {r} {p} failed: {err}"
+        t.caption = escape(f"round {r} {p} failed: {err}")
     m = Table(title="key metrics", title_justify="left")
     m.add_column("round", justify="right")
     for _, label in KEY_METRICS:

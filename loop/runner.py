@@ -118,9 +118,10 @@ def build_components(config: RunConfig) -> Components:
 def resolve_model_path(config: RunConfig, comps: Components) -> str:
     """The base model folder: a local folder, a cached hub snapshot, or a builder's output."""
     if comps.model_builder is not None:
-        cache = Path(config.runs_dir) / ".cache"
+        cache = Path(config.runs_dir).resolve() / ".cache"
         cache.mkdir(parents=True, exist_ok=True)
-        return comps.model_builder.build(str(cache))
+        # Absolute: runs.model_path must still point at it when resumed from another folder.
+        return str(Path(comps.model_builder.build(str(cache))).resolve())
     raw = config.model.path
     p = Path(raw).expanduser()
     if not p.is_absolute() and config.source_dir is not None and (config.source_dir / p).exists():
@@ -189,11 +190,7 @@ def create_run(config: RunConfig, comps: Components, model_path: str, version: s
     """Make ``<runs_dir>/<name>`` atomically: built in a temp folder, then renamed."""
     run_dir = config.run_dir
     if run_dir.exists():
-        if not replace:
-            raise UserError(
-                f"{run_dir} already exists: `selfloop resume {run_dir}` continues it, or "
-                "choose another name (--set name=NEW)"
-            )
+        _refuse_existing(config, replace)
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.parent / f".{config.name}.creating-{os.getpid()}"
@@ -212,6 +209,14 @@ def create_run(config: RunConfig, comps: Components, model_path: str, version: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return run_dir
+
+
+def _refuse_existing(config: RunConfig, replace: bool) -> None:
+    if config.run_dir.exists() and not replace:
+        raise UserError(
+            f"{config.run_dir} already exists: `selfloop resume {config.run_dir}` continues it, "
+            "or choose another name (--set name=NEW)"
+        )
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -713,6 +718,8 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
           replace: bool = False, version: str = "0") -> Runner:
     """Validate, create the run folder and return a Runner (not yet running)."""
     config, comps = prepare(config_path, overrides, data=data, extra_plugins=extra_plugins)
+    # Before the model: a builder may take minutes, and it writes its cache under runs_dir.
+    _refuse_existing(config, replace)
     model_path = resolve_model_path(config, comps)
     run_dir = create_run(config, comps, model_path, version, replace=replace)
     return Runner(run_dir, config, comps, model_path, resumed=False)
@@ -721,6 +728,9 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
 def resume(run_dir: str | Path, extra_plugins=()) -> Runner:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    # The saved runs_dir may be relative to where the run started; the run folder's parent
+    # is where it is now (the model cache lives there too), whatever the current folder.
+    config.runs_dir = str(run_dir.resolve().parent)
     for p in extra_plugins:
         plugins.load_plugin_file(p)
     comps = build_components(config)

@@ -1,0 +1,180 @@
+"""The run database: the documented schema, WAL, foreign keys, migrations, read-only
+readers and BEGIN IMMEDIATE transactions. Real SQLite files throughout."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+
+import pytest
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from loop import migrations as mig
+from loop.store import Store
+from tests.core_helpers import ROOT, run_inprocess, write_config
+
+DOC = ROOT / "docs" / "database.md"
+
+
+def documented_tables() -> dict[str, list[tuple[str, str]]]:
+    """``{table: [(column, TYPE[ NOT NULL]), ...]}`` parsed from docs/database.md."""
+    tables: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in DOC.read_text().splitlines():
+        m = re.match(r"^### `(\w+)`\s*$", line)
+        if m:
+            current = m.group(1)
+            tables[current] = []
+            continue
+        m = re.match(r"^\| `(\w+)` \| ([A-Z ]+) \|", line)
+        if m and current is not None:
+            tables[current].append((m.group(1), m.group(2).strip()))
+    return tables
+
+
+def actual_tables(conn: sqlite3.Connection) -> dict[str, list[tuple[str, str]]]:
+    out = {}
+    for (name,) in conn.execute("select name from sqlite_master where type = 'table' "
+                                "and name not like 'sqlite_%' and name != '_sqlite_migrations'"):
+        out[name] = [
+            (col, typ.upper() + (" NOT NULL" if notnull else ""))
+            for _, col, typ, notnull, _, _ in conn.execute(f'pragma table_info("{name}")')
+        ]
+    return out
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(tmp_path / "run.db")
+    yield s
+    s.close()
+
+
+def test_blank_database_has_exactly_the_documented_columns(store):
+    doc = documented_tables()
+    assert len(doc) >= 10 and all(doc.values())
+    assert actual_tables(store.conn) == doc
+
+
+def test_design_tables_exist(store):
+    tables = set(actual_tables(store.conn))
+    assert {"runs", "rounds", "phases", "prompts", "candidates", "judgments", "pairs",
+            "train_steps", "metrics", "events"} <= tables
+
+
+def test_wal_and_foreign_keys(store, tmp_path):
+    assert store.conn.execute("pragma journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("pragma foreign_keys").fetchone()[0] == 1
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        with store.transaction() as db:
+            db["rounds"].insert({"round": 1, "status": "running"})
+            db["candidates"].insert({"round": 1, "prompt_id": 999, "policy": "base",
+                                     "sample_index": 0, "text": "x", "source": "policy"})
+    assert store.rows("select count(*) n from rounds")[0]["n"] == 0  # rolled back whole
+    # WAL is a property of the file: a second plain connection sees it too.
+    other = sqlite3.connect(tmp_path / "run.db")
+    assert other.execute("pragma journal_mode").fetchone()[0] == "wal"
+    other.close()
+
+
+def test_migrations_are_recorded_and_idempotent(store, tmp_path):
+    applied = [m.name for m in mig.migrations.applied(store.db)]
+    assert applied == ["m001_initial"]
+    schema = sorted(store.conn.execute("select name, sql from sqlite_master").fetchall(), key=str)
+    mig.migrations.apply(store.db)  # again: nothing pending, nothing changes
+    assert mig.migrations.pending(store.db) == []
+    assert sorted(store.conn.execute("select name, sql from sqlite_master").fetchall(), key=str) == schema
+    assert store.rows("select count(*) n from _sqlite_migrations")[0]["n"] == 1
+    store.close()
+    again = Store.open(tmp_path / "run.db")  # re-opening an existing run: a no-op
+    assert [m.name for m in mig.migrations.applied(again.db)] == ["m001_initial"]
+    again.close()
+
+
+def test_upgrade_from_an_older_schema(tmp_path):
+    """A database made before a (hypothetical) m002 is upgraded in place, data kept."""
+    path = tmp_path / "old.db"
+    old = Store.open(path)  # the schema as released: m001 only
+    with old.transaction() as db:
+        db["rounds"].insert({"round": 0, "status": "done"})
+        db["metrics"].insert({"round": 0, "name": "eval/accuracy", "value": 0.5})
+    old.close()
+
+    newer = Migrations("selfloop")
+    newer()(mig.m001_initial)
+
+    @newer()
+    def m002_metric_units(db):
+        # Why: a hypothetical later release records each metric's unit.
+        db["metrics"].add_column("unit", str)
+
+    db = sqlite_utils.Database(path)
+    assert [m.name for m in newer.pending(db)] == ["m002_metric_units"]
+    newer.apply(db)
+    assert [m.name for m in newer.applied(db)] == ["m001_initial", "m002_metric_units"]
+    assert "unit" in db["metrics"].columns_dict
+    assert list(db.query("select name, value from metrics")) == [{"name": "eval/accuracy", "value": 0.5}]
+    newer.apply(db)  # idempotent
+    assert len(newer.applied(db)) == 2
+    db.close()
+
+
+def test_readers_open_read_only(store, tmp_path):
+    with store.transaction() as db:
+        db["rounds"].insert({"round": 0, "status": "done"})
+    reader = Store.open_readonly(tmp_path / "run.db")
+    try:
+        assert reader.rounds()[0]["status"] == "done"
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.conn.execute("insert into rounds (round, status) values (1, 'x')")
+        with pytest.raises(AssertionError, match="read-only"):
+            with reader.transaction():
+                pass
+    finally:
+        reader.close()
+    with pytest.raises(FileNotFoundError):
+        Store.open_readonly(tmp_path / "missing.db")
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_begin_immediate_rolls_back_everything(store, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.transaction() as db:
+            db["rounds"].insert({"round": 1, "status": "running"})
+            db["events"].insert({"time": "t", "level": "info", "message": "m"})
+            assert store.conn.in_transaction
+            raise RuntimeError("boom")
+    assert not store.conn.in_transaction
+    assert store.rows("select count(*) n from rounds")[0]["n"] == 0
+    assert store.rows("select count(*) n from events")[0]["n"] == 0
+
+
+def test_begin_immediate_takes_the_write_lock_at_once(store, tmp_path):
+    """A second writer cannot even begin while a transaction is open; readers still read."""
+    with store.transaction() as db:
+        db["rounds"].insert({"round": 0, "status": "running"})
+        other = sqlite3.connect(tmp_path / "run.db", timeout=0.1, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()
+        reader = Store.open_readonly(tmp_path / "run.db")
+        assert reader.rounds() == []  # the uncommitted row is invisible, and nobody waits
+        reader.close()
+    reader = Store.open_readonly(tmp_path / "run.db")
+    assert [r["round"] for r in reader.rounds()] == [0]
+    reader.close()
+
+
+def test_documented_queries_run_on_a_real_run(tmp_path):
+    run_dir = run_inprocess(write_config(tmp_path / "c.toml", tmp_path / "runs", rounds=1,
+                                         per_round=3, n=2))
+    conn = sqlite3.connect(f"file:{run_dir / 'run.db'}?mode=ro", uri=True)
+    queries = re.findall(r"```sql\n(.*?)```", DOC.read_text(), re.S)
+    assert len(queries) >= 4
+    results = [conn.execute(q).fetchall() for q in queries]
+    assert [r[0] for r in results[0]] == [0, 1] and all(isinstance(r[1], float) for r in results[0])
+    prompt, chosen, rejected = results[1][0][1:4]
+    assert isinstance(prompt, str) and chosen != rejected
+    assert results[2] and all(row[2] >= 1 and row[3] == "garbage" for row in results[2])
+    conn.close()
