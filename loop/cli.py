@@ -31,7 +31,36 @@ def _fail(e: SelfloopError) -> None:
 
 
 class Group(click.Group):
-    """Turns selfloop's own errors into one line and the right exit code."""
+    """Turns selfloop's own errors into one line and the right exit code.
+
+    Commands from plugins (the ``register_commands`` hook) are added the first time a
+    command name is not a built-in one, or when the help lists every command, so that
+    ``status`` and ``watch`` start without importing torch.
+    """
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if self._plugins_loaded:
+            return
+        type(self)._plugins_loaded = True
+        from loop import plugins
+
+        try:
+            plugins.get_manager().hook.register_commands(cli=self)
+        except SelfloopError as e:
+            _fail(e)
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None:
+            self._load_plugin_commands()
+            command = super().get_command(ctx, name)
+        return command
+
+    def list_commands(self, ctx):
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
 
     def invoke(self, ctx):
         try:
@@ -102,13 +131,15 @@ def run(config, overrides, plugin_files, progress):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Change an option for the phases still to run (not name, seed or model).")
 @_plugin_option
 @_progress_option
-def resume(run_dir, plugin_files, progress):
-    """Continue a stopped or failed run: done phases are skipped."""
+def resume(run_dir, overrides, plugin_files, progress):
+    """Continue a stopped or failed run: done phases are skipped, an interrupted one re-runs."""
     from loop import runner as r
 
-    execute(r.resume(run_dir, extra_plugins=plugin_files), progress)
+    execute(r.resume(run_dir, extra_plugins=plugin_files, overrides=list(overrides)), progress)
 
 
 @cli.command()
@@ -195,6 +226,7 @@ def plugins_cmd(as_json, plugin_files):
 
     for f in plugin_files:
         plugins.load_plugin_file(f)
+    cli._load_plugin_commands()
     data = plugins.plugin_hooks()
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -227,15 +259,5 @@ def demo(rounds, name, overrides, progress):
     run_demo(rounds=rounds, name=name, overrides=list(overrides), progress=progress)
 
 
-def _load_command_plugins() -> None:
-    try:
-        from loop import plugins
-
-        plugins.get_manager().hook.register_commands(cli=cli)
-    except SelfloopError as e:
-        _fail(e)
-
-
 def main():  # pragma: no cover - console entry
-    _load_command_plugins()
     cli()

@@ -162,7 +162,9 @@ def phase_start(run, round, phase):
 
 @hookspec
 def phase_end(run, round, phase, status, seconds):
-    """A phase ends. ``status`` is "done", "failed", "interrupted" or "skipped".
+    """A phase ends. ``status`` is "done", "failed" or "interrupted".
+
+    Phases already done when a run resumes are skipped without phase_start/phase_end.
 
     ``seconds`` is its wall time. Return value ignored.
     """

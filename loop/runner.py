@@ -204,7 +204,13 @@ def create_run(config: RunConfig, comps: Components, model_path: str, version: s
         store.init_run(config.name, data, config.seed, config.rounds, version, model_path)
         store.close()
         (tmp / "adapters").mkdir()
-        os.rename(tmp, run_dir)
+        try:
+            os.rename(tmp, run_dir)
+        except OSError:
+            raise UserError(
+                f"{run_dir} was created by another process just now: `selfloop resume "
+                f"{run_dir}` continues it, or choose another name (--set name=NEW)"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -371,12 +377,14 @@ class Runner:
         attempt = self.store.start_phase(r, phase)
         if attempt > 1:
             self._emit(r, phase, "info", f"re-running {phase} from scratch (attempt {attempt})")
-        self.hook.phase_start(run=self.info, round=r, phase=phase)
-        ctx = self._context(r, phase)
-        _seed_everything(ctx.seed)
         t0 = time.monotonic()
         self._current = None
         try:
+            # Inside the try: an observer that raises fails the phase cleanly instead of
+            # leaving it marked running.
+            self.hook.phase_start(run=self.info, round=r, phase=phase)
+            ctx = self._context(r, phase)
+            _seed_everything(ctx.seed)
             write = getattr(self, f"_do_{phase}")(ctx)
             seconds = time.monotonic() - t0
             with self.store.transaction() as db:
@@ -725,9 +733,18 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
     return Runner(run_dir, config, comps, model_path, resumed=False)
 
 
-def resume(run_dir: str | Path, extra_plugins=()) -> Runner:
+# Fields a resume may not change: they define which run this is.
+FROZEN_ON_RESUME = ("name", "seed", "model", "runs_dir")
+
+
+def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = ()) -> Runner:
+    """Continue a run. ``overrides`` (``--set``) may change options for the phases still
+    to run (say, a judge's max_new_tokens after a failure); the change is saved in
+    config.json and the runs table, and logged as an event."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    if overrides:
+        config = _override_saved(run_dir, config, list(overrides))
     # The saved runs_dir may be relative to where the run started; the run folder's parent
     # is where it is now (the model cache lives there too), whatever the current folder.
     config.runs_dir = str(run_dir.resolve().parent)
@@ -741,4 +758,30 @@ def resume(run_dir: str | Path, extra_plugins=()) -> Runner:
         store.close()
     if not model_path or not Path(model_path).exists():
         model_path = resolve_model_path(config, comps)
+    if overrides:
+        data = resolved_config(config, comps)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        writer = Store.open(run_dir / DB_FILE)
+        try:
+            writer.set_run(config=json.dumps(data, sort_keys=True))
+            writer.add_event(None, None, "info", "config changed on resume: " + ", ".join(overrides),
+                             data={"overrides": list(overrides)})
+        finally:
+            writer.close()
     return Runner(run_dir, config, comps, model_path, resumed=True)
+
+
+def _override_saved(run_dir: Path, config: RunConfig, overrides: list[str]) -> RunConfig:
+    from loop.config import parse_override
+
+    label = str(run_dir / CONFIG_FILE)
+    for text in overrides:
+        keys, _ = parse_override(text)
+        if keys[0] in FROZEN_ON_RESUME:
+            raise ConfigError(
+                f"--set {text}: {keys[0]} cannot change on resume (it defines the run); "
+                "start a new run with `selfloop run` instead", file=label, field=str(keys[0]),
+            )
+    data = json.loads((run_dir / CONFIG_FILE).read_text())
+    return load_config(label, overrides, data=data).model_copy(
+        update={"source_dir": run_dir, "source_file": label})

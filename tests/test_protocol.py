@@ -283,13 +283,15 @@ def test_failing_component_marks_phase_failed_then_resume_retries(tmp_path):
     assert again.exit_code == 1 and "told to fail" in again.stderr
     assert rows(db, "select attempt from phases where round = 1 and phase = 'generate'")[0]["attempt"] == 2
 
-    # `resume` takes no --set: the only way to change an option of a stopped run is to edit
-    # the resolved config it saved in its folder (run_dir/config.json).
-    assert "--set" in cli("resume", str(run_dir), "--set", "generator.fail=false").stderr
-    saved = json.loads((run_dir / "config.json").read_text())
-    saved["generator"]["fail"] = False
-    (run_dir / "config.json").write_text(json.dumps(saved))
-    fixed = cli_inprocess("resume", str(run_dir), "--progress", "plain")
+    # Fields that define the run cannot change on resume: exit 2, one line, nothing changed.
+    refused = cli("resume", str(run_dir), "--set", "seed=8")
+    assert refused.returncode == 2 and "seed cannot change on resume" in refused.stderr
+    assert json.loads((run_dir / "config.json").read_text())["generator"]["fail"] is True
+    # An option can: `resume --set` validates it, saves it and logs the change.
+    fixed = cli_inprocess("resume", str(run_dir), "--set", "generator.fail=false", "--progress", "plain")
+    assert json.loads((run_dir / "config.json").read_text())["generator"]["fail"] is False
+    assert json.loads(rows(db, "select config from runs")[0]["config"])["generator"]["fail"] is False
+    assert count(db, "select count(*) from events where message like 'config changed on resume%'") == 1
     assert fixed.exit_code == 0, fixed.stderr
     assert "resuming run fake" in fixed.stderr and "round 1 generate done" in fixed.stderr
     (ph,) = rows(db, "select * from phases where round = 1 and phase = 'generate'")
