@@ -149,7 +149,7 @@ def run(seed: int, args, recipe: Recipe, cache_dir: str) -> list[dict]:
     model.eval()
     heldout = task.heldout_set(args.heldout)
     rows = [{"round": 0, "accuracy": evaluate(model, tok, heldout), "agreement": None,
-             "pairs": 0, "seconds": build_s}]
+             "pairs": 0, "sampled": None, "pair_ok": None, "seconds": build_s}]
     for rnd in range(1, args.rounds + 1):
         t = time.time()
         rng = random.Random(f"{seed}-{rnd}")
@@ -174,6 +174,9 @@ def run(seed: int, args, recipe: Recipe, cache_dir: str) -> list[dict]:
                       beta=args.beta, seed=seed * 1000 + rnd)
         rows.append({"round": rnd, "accuracy": evaluate(model, tok, heldout),
                      "agreement": sum(agree) / max(1, len(agree)), "pairs": len(pairs),
+                     "sampled": sum(task.verify(p, a) for p, a in flat) / len(flat),
+                     "pair_ok": sum(task.verify(p, c) and not task.verify(p, r)
+                                    for p, c, r in pairs) / max(1, len(pairs)),
                      "seconds": time.time() - t})
     return rows
 
@@ -204,11 +207,13 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         rows = run(seed, args, recipe, cache_dir)
         print(f"\nseed {seed}")
-        print(f"{'round':>5} {'accuracy':>9} {'agreement':>10} {'pairs':>6} {'seconds':>8}")
+        print(f"{'round':>5} {'accuracy':>9} {'agreement':>10} {'sampled':>8} {'pairs':>6} "
+              f"{'pair_ok':>8} {'seconds':>8}")
         for r in rows:
-            agree = "-" if r["agreement"] is None else f"{r['agreement']:.3f}"
-            print(f"{r['round']:>5} {r['accuracy']:>9.3f} {agree:>10} {r['pairs']:>6} "
-                  f"{r['seconds']:>8.1f}")
+            cols = [("-" if r[k] is None else f"{r[k]:.3f}") for k in ("agreement", "sampled")]
+            ok = "-" if r["pair_ok"] is None else f"{r['pair_ok']:.3f}"
+            print(f"{r['round']:>5} {r['accuracy']:>9.3f} {cols[0]:>10} {cols[1]:>8} "
+                  f"{r['pairs']:>6} {ok:>8} {r['seconds']:>8.1f}")
         gain = rows[-1]["accuracy"] - rows[0]["accuracy"]
         print(f"gain: {100 * gain:+.1f} points (round 0 row's seconds = seed build)")
 
