@@ -160,6 +160,16 @@ def run(seed: int, args, recipe: Recipe, cache_dir: str) -> list[dict]:
                                 temperature=args.judge_temperature)
         agree = [(s >= args.threshold) == task.verify(p, a)
                  for (p, a), s in zip(flat, scores) if s is not None]
+        if args.verbose:
+            conf = {}
+            for (p, a), sc in zip(flat, scores):
+                key = (task.verify(p, a), None if sc is None else sc >= args.threshold)
+                conf[key] = conf.get(key, 0) + 1
+            wrong = [(p, a, sc) for (p, a), sc in zip(flat, scores)
+                     if sc is not None and (sc >= args.threshold) != task.verify(p, a)]
+            print(f"round {rnd} (verified, judged right): {sorted(conf.items(), key=str)}")
+            for p, a, sc in wrong[:6]:
+                print(f"   {p!r} -> {a!r} judged {sc} rubric {task.rubric_score(p, a)}")
         pairs = []
         for i, p in enumerate(prompts):
             group = [(scores[i * args.n + j], answers[i][j]) for j in range(args.n)
@@ -192,12 +202,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold", type=float, default=4.5, help="judge score counted as 'right'")
     ap.add_argument("--steps", type=int, default=30, help="DPO steps per round")
     ap.add_argument("--batch", type=int, default=16, help="pairs per DPO step")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-4, help="DPO learning rate")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--cache-dir", default=None, help="where seed models are cached")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--verbose", action="store_true", help="print judge confusion per round")
     ap.add_argument("--recipe", default="{}", help="JSON overrides of the seed Recipe")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

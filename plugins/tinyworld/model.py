@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from plugins.tinyworld import task
 
-FORMAT_VERSION = 1  # bump when the data or the training code changes what a recipe builds
+FORMAT_VERSION = 2  # bump when the data or the training code changes what a recipe builds
 
 
 class Recipe(BaseModel):
@@ -45,18 +45,18 @@ class Recipe(BaseModel):
     hidden_size: int = Field(128, ge=16, description="model width")
     layers: int = Field(4, ge=1, description="transformer blocks")
     heads: int = Field(4, ge=1, description="attention heads (must divide hidden_size)")
-    intermediate_size: int = Field(384, ge=16, description="MLP width")
-    steps: int = Field(1500, ge=1, description="optimizer steps of seed training")
+    intermediate_size: int = Field(256, ge=16, description="MLP width")
+    steps: int = Field(800, ge=1, description="optimizer steps of seed training")
     batch_size: int = Field(32, ge=1, description="examples per step")
-    lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate (cosine decay)")
+    lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate (cosine decay)")
     habit_rate: float = Field(
         0.6, ge=0, le=1, description="share of IFT answers showing the bad habit"
     )
     judge_share: float = Field(
-        0.5, ge=0, le=1, description="share of steps on EFT (judge) data"
+        0.6, ge=0, le=1, description="share of steps on EFT (judge) data"
     )
-    eft_correct: float = Field(0.35, ge=0, le=1, description="EFT candidates that are right")
-    eft_habit: float = Field(0.35, ge=0, le=1, description="EFT candidates with the habit")
+    eft_correct: float = Field(0.3, ge=0, le=1, description="EFT candidates that are right")
+    eft_habit: float = Field(0.3, ge=0, le=1, description="EFT candidates with the habit")
 
     def key(self) -> str:
         """A short hash of the recipe (and of the builder's format version)."""

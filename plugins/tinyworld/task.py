@@ -158,10 +158,16 @@ def habit_answer(info: Info) -> str:
     return " ".join(s)
 
 
+CORRUPTIONS = ("replace",) * 4 + ("dup",) * 3 + ("drop", "extra") * 2 + (
+    "swap", "copy", "reverse", "word")
+
+
 def corrupt_answer(rng: random.Random, info: Info) -> str:
     """A random wrong (or at least imperfect) answer, for the judge's training data."""
     s = sorted(info.letters)
-    kind = rng.choice(("drop", "dup", "replace", "swap", "copy", "reverse", "extra", "word"))
+    # Mostly near misses that stay in order (a letter replaced, repeated, dropped or added):
+    # the errors a sampling policy makes most, and the hardest for the judge to spot.
+    kind = rng.choice(CORRUPTIONS)
     if kind == "drop":
         del s[rng.randrange(len(s))]
     elif kind == "dup":
