@@ -9,8 +9,9 @@ the assistant's tokens only:
    swapped (``a d b``), so greedy decoding mostly shows the habit while the right answer
    keeps a large sampling probability. Self-rewarding rounds have to find and fix it.
 2. EFT (evaluation fine-tuning): the judge prompt (``prompts/tinyworld_judge.j2``) rendered
-   with a prompt and a candidate answer -> a one-line check list and ``Score: N``, where N is
-   the rubric score (0..5) of the candidate against the truth.
+   with a prompt and a candidate answer -> a reference answer, a one-line check list and
+   ``Score: N``, where N is the rubric score (0..5) of the candidate against the truth
+   (see ``task.judgment_text``).
 
 The result is a normal Hugging Face model folder (config.json, model.safetensors, tokenizer
 files with the chat template), cached under ``<cache_dir>/tinyworld-<recipe hash>/`` and
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from plugins.tinyworld import task
 
-FORMAT_VERSION = 2  # bump when the data or the training code changes what a recipe builds
+FORMAT_VERSION = 3  # bump when the data or the training code changes what a recipe builds
 
 
 class Recipe(BaseModel):

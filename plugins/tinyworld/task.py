@@ -134,13 +134,24 @@ def rubric_score(prompt_text: str, answer_text: str) -> int:
 
 
 def judgment_text(prompt_text: str, answer_text: str) -> str:
-    """The judgment the seed judge is trained to write: one line of checks, then the score.
+    """The judgment the seed judge is trained to write: a reference, the checks, the score.
 
-    Example: ``Form ok. Length ok. Letters ok. Order bad. Exact bad.\\nScore: 3``
+    Example::
+
+        Reference: a b c d
+        Form ok. Length ok. Letters ok. Order bad. Exact bad.
+        Score: 3
+
+    The judge first writes the right answer itself (reference-guided grading, as in
+    Zheng et al. 2023's LLM-as-a-judge, with a self-written reference), which turns the
+    checks into a letter-by-letter comparison that a tiny model can do reliably. The seed
+    judge's references are always right: the bad habit lives only in the answering data.
     """
+    info = parse_prompt(prompt_text)
     checks = rubric(prompt_text, answer_text)
     words = " ".join(f"{CHECK_WORDS[c]} {'ok' if checks[c] else 'bad'}." for c in CHECKS)
-    return f"{words}\nScore: {sum(checks.values())}"
+    reference = f"Reference: {info.answer}\n" if info is not None else ""
+    return f"{reference}{words}\nScore: {sum(checks.values())}"
 
 
 # -- answers, good and bad ---------------------------------------------------------------

@@ -46,7 +46,7 @@ JUDGE_TEMPLATE = Path(__file__).resolve().parents[2] / "prompts" / "tinyworld_ju
 EXTRA_TEXT = (
     f"{task.PROMPT_PREFIX} "
     + " ".join(task.CHECK_WORDS.values())
-    + " ok bad Score You are a helpful assistant Answer the question Sort letters list"
+    + " ok bad Score Reference You are a helpful assistant Answer the question Sort letters list"
 )
 
 
