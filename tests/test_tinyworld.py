@@ -34,7 +34,8 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
     [
         ("a b c d", True),
         ("  a b c d \n", True),  # surrounding whitespace is ignored
-        ("a b d c", False),  # the seed model's habit: last two swapped
+        ("a b d c", False),  # last two swapped
+        ("Answer: a b c d", False),  # the seed model's habit: a chatty prefix
         ("a b c", False),  # a letter missing
         ("a b c d d", False),  # a letter repeated
         ("a b c e", False),  # a letter replaced
@@ -61,7 +62,8 @@ def test_rubric_grades_partial_answers():
     assert task.rubric_score(prompt, "a b c e") == 3  # form, length, order
     assert task.rubric_score(prompt, "hello") == 0
     info = task.parse_prompt(prompt)
-    assert task.habit_answer(info) == "a b d c"
+    assert task.habit_answer(info) == "Answer: a b c d"
+    assert task.rubric_score(prompt, task.habit_answer(info)) == 0  # breaks the form check
     assert not task.verify(prompt, task.habit_answer(info))
 
 

@@ -79,7 +79,7 @@ def judge(model, tok, prompts, answers, *, samples: int, temperature: float):
     """Mean parsed score per answer (None if no sample parsed), and the raw judgments."""
     flat = [(p, a) for p, group in zip(prompts, answers) for a in group]
     judged = generate(model, tok, [judge_prompt(p, a) for p, a in flat], n=samples,
-                      temperature=temperature, max_new=24)
+                      temperature=temperature, max_new=40)
     scores = []
     for outs in judged:
         parsed = [s for s in map(parse_score, outs) if s is not None]

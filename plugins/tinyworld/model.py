@@ -5,13 +5,13 @@ miniature. The model is trained from scratch on two kinds of chat data, with the
 the assistant's tokens only:
 
 1. IFT (instruction following): ``Sort the letters: d b a`` -> an answer. The answers are
-   deliberately imperfect: in a ``habit_rate`` share of examples the last two letters are
-   swapped (``a d b``), so greedy decoding mostly shows the habit while the right answer
-   keeps a large sampling probability. Self-rewarding rounds have to find and fix it.
+   deliberately imperfect: in a ``habit_rate`` share of examples they start with a chatty
+   ``Answer:`` (``Answer: a b d``), which the task does not allow, so greedy decoding mostly
+   shows the habit while the right answer keeps a large sampling probability.
+   Self-rewarding rounds have to find and fix it.
 2. EFT (evaluation fine-tuning): the judge prompt (``prompts/tinyworld_judge.j2``) rendered
-   with a prompt and a candidate answer -> a reference answer, a one-line check list and
-   ``Score: N``, where N is the rubric score (0..5) of the candidate against the truth
-   (see ``task.judgment_text``).
+   with a prompt and a candidate answer -> a one-line check list and ``Score: N``, where N
+   is the rubric score (0..5) of the candidate against the truth (``task.judgment_text``).
 
 The result is a normal Hugging Face model folder (config.json, model.safetensors, tokenizer
 files with the chat template), cached under ``<cache_dir>/tinyworld-<recipe hash>/`` and
@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from plugins.tinyworld import task
 
-FORMAT_VERSION = 3  # bump when the data or the training code changes what a recipe builds
+FORMAT_VERSION = 4  # bump when the data or the training code changes what a recipe builds
 
 
 class Recipe(BaseModel):

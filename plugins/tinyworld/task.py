@@ -134,39 +134,31 @@ def rubric_score(prompt_text: str, answer_text: str) -> int:
 
 
 def judgment_text(prompt_text: str, answer_text: str) -> str:
-    """The judgment the seed judge is trained to write: a reference, the checks, the score.
+    """The judgment the seed judge is trained to write: one line of checks, then the score.
 
-    Example::
-
-        Reference: a b c d
-        Form ok. Length ok. Letters ok. Order bad. Exact bad.
-        Score: 3
-
-    The judge first writes the right answer itself (reference-guided grading, as in
-    Zheng et al. 2023's LLM-as-a-judge, with a self-written reference), which turns the
-    checks into a letter-by-letter comparison that a tiny model can do reliably. The seed
-    judge's references are always right: the bad habit lives only in the answering data.
+    Example: ``Form ok. Length ok. Letters ok. Order bad. Exact bad.\nScore: 3``
     """
-    info = parse_prompt(prompt_text)
     checks = rubric(prompt_text, answer_text)
     words = " ".join(f"{CHECK_WORDS[c]} {'ok' if checks[c] else 'bad'}." for c in CHECKS)
-    reference = f"Reference: {info.answer}\n" if info is not None else ""
-    return f"{reference}{words}\nScore: {sum(checks.values())}"
+    return f"{words}\nScore: {sum(checks.values())}"
 
 
 # -- answers, good and bad ---------------------------------------------------------------
 
 
+HABIT_PREFIX = "Answer:"
+
+
 def habit_answer(info: Info) -> str:
-    """The seed model's bad habit: the sorted list with its last two letters swapped.
+    """The seed model's bad habit: a chatty ``Answer:`` before the (sorted) letters.
 
     Seed instruction data shows this answer for most prompts, so the seed model's greedy
-    answer is usually wrong while the right one keeps a fair sampling probability: the
-    room that self-rewarding training has to find and fix.
+    answer is usually wrong (the task asks for the letters only), while the right answer
+    keeps a large sampling probability: the room self-rewarding training has to find and
+    fix. The habit breaks the rubric's form check, so a judge can see it without solving
+    the task, and judging stays reliable while the policy changes.
     """
-    s = sorted(info.letters)
-    s[-1], s[-2] = s[-2], s[-1]
-    return " ".join(s)
+    return f"{HABIT_PREFIX} {info.answer}"
 
 
 CORRUPTIONS = ("replace",) * 4 + ("dup",) * 3 + ("drop", "extra") * 2 + (
