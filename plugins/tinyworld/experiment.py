@@ -132,6 +132,33 @@ def train_dpo(model, tok, pairs, *, steps: int, batch: int, lr: float, beta: flo
     return loss.item()
 
 
+def best_vs_worst(prompts, answers, scores, n: int) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected): the best and worst scored answer per prompt, ties dropped."""
+    pairs = []
+    for i, p in enumerate(prompts):
+        group = [(scores[i * n + j], answers[i][j]) for j in range(n)
+                 if scores[i * n + j] is not None]
+        if len(group) < 2:
+            continue
+        best, worst = max(group), min(group)
+        if best[0] > worst[0]:
+            pairs.append((p, best[1], worst[1]))
+    return pairs
+
+
+def print_confusion(rnd: int, flat, scores, threshold: float) -> None:
+    """Judge (score >= threshold) against the verifier, and a few disagreements."""
+    conf: dict = {}
+    for (p, a), sc in zip(flat, scores):
+        key = (task.verify(p, a), None if sc is None else sc >= threshold)
+        conf[key] = conf.get(key, 0) + 1
+    print(f"round {rnd} (verified, judged right): {sorted(conf.items(), key=str)}")
+    wrong = [(p, a, sc) for (p, a), sc in zip(flat, scores)
+             if sc is not None and (sc >= threshold) != task.verify(p, a)]
+    for p, a, sc in wrong[:6]:
+        print(f"   {p!r} -> {a!r} judged {sc} rubric {task.rubric_score(p, a)}")
+
+
 def run(seed: int, args, recipe: Recipe, cache_dir: str) -> list[dict]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,24 +188,8 @@ def run(seed: int, args, recipe: Recipe, cache_dir: str) -> list[dict]:
         agree = [(s >= args.threshold) == task.verify(p, a)
                  for (p, a), s in zip(flat, scores) if s is not None]
         if args.verbose:
-            conf = {}
-            for (p, a), sc in zip(flat, scores):
-                key = (task.verify(p, a), None if sc is None else sc >= args.threshold)
-                conf[key] = conf.get(key, 0) + 1
-            wrong = [(p, a, sc) for (p, a), sc in zip(flat, scores)
-                     if sc is not None and (sc >= args.threshold) != task.verify(p, a)]
-            print(f"round {rnd} (verified, judged right): {sorted(conf.items(), key=str)}")
-            for p, a, sc in wrong[:6]:
-                print(f"   {p!r} -> {a!r} judged {sc} rubric {task.rubric_score(p, a)}")
-        pairs = []
-        for i, p in enumerate(prompts):
-            group = [(scores[i * args.n + j], answers[i][j]) for j in range(args.n)
-                     if scores[i * args.n + j] is not None]
-            if len(group) < 2:
-                continue
-            best, worst = max(group), min(group)
-            if best[0] > worst[0]:
-                pairs.append((p, best[1], worst[1]))
+            print_confusion(rnd, flat, scores, args.threshold)
+        pairs = best_vs_worst(prompts, answers, scores, args.n)
         if pairs:
             train_dpo(model, tok, pairs, steps=args.steps, batch=args.batch, lr=args.lr,
                       beta=args.beta, seed=seed * 1000 + rnd)
