@@ -197,6 +197,8 @@ def test_plugin_registers_the_three_components():
     assert found["model_builder"].Options(steps=5).steps == 5
     with pytest.raises(ValueError):
         found["model_builder"].Options(nonsense=1)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        found["model_builder"].Options(hidden_size=30, heads=4)
 
 
 def test_prompt_source_is_deterministic_and_draws_train_prompts():
