@@ -14,6 +14,15 @@ Self-Rewarding recipe (Yuan et al. 2024, section 2) with plain torch + PEFT:
    the reference being the previous round's policy;
 6. evaluate again. A table shows accuracy, judge agreement with the verifier, pairs and
    seconds per round.
+
+Measured with the defaults (seed Recipe(), 96 prompts x 4 answers, 2 judge samples at
+temperature 0.8, LoRA r=8 on all projections, DPO beta 0.1, lr 3e-4, 30 steps of 16
+pairs), 2 threads: held-out accuracy by round (0 -> 3) was 0.435 -> 0.925 (seed 0),
+0.270 -> 0.935 (seed 1) and 0.000 -> 0.915 (seed 2); seed builds 62 s, rounds 5-9 s.
+Judge agreement with the verifier falls from ~0.85 to 0.4-0.75 by round 3 (the judge
+shares the LoRA the policy trains), so longer runs may want a fresh look at the judge.
+
+On a CPU shared with other busy processes, ``--threads 1`` can be much faster than 2.
 """
 
 from __future__ import annotations

@@ -73,8 +73,19 @@ class Recipe(ModelBuilder.Options):
         return self
 
     def key(self) -> str:
-        """A short hash of the recipe (and of the builder's format version)."""
-        blob = json.dumps({"v": FORMAT_VERSION, **self.model_dump()}, sort_keys=True)
+        """A short hash of the recipe, the builder's format version and the judge template.
+
+        The template is part of the seed data (and of the tokenizer's vocabulary), so
+        editing it makes a new model instead of reusing one trained on the old text.
+        """
+        from plugins.tinyworld.tokenizer import JUDGE_TEMPLATE
+
+        template = JUDGE_TEMPLATE.read_bytes() if JUDGE_TEMPLATE.is_file() else b""
+        blob = json.dumps(
+            {"v": FORMAT_VERSION, "template": hashlib.sha256(template).hexdigest(),
+             **self.model_dump()},
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
