@@ -34,7 +34,7 @@ BUILTINS = (
     "plugins.selectors.pairs",
     "plugins.selectors.top_k",
     "plugins.updaters.dpo",
-    # "plugins.tinyworld",
+    "plugins.tinyworld",
 )
 
 # Registration hook -> component kind it registers.
