@@ -1,8 +1,7 @@
-"""The round protocol and the resume ledger.
+"""The round protocol and the resume ledger (run folders are made by loop.runs).
 
-``prepare`` validates a config completely (components, options, model) before anything
-is written; ``create_run`` makes the run folder atomically; ``Runner.run`` executes the
-rounds. Round 0 evaluates the starting policy; rounds 1..N run the seven ``PHASES``
+``start`` validates a config and makes its run folder (see loop/runs.py), ``resume``
+reopens one, and ``Runner.run`` executes the rounds. Round 0 evaluates the starting policy; rounds 1..N run the seven ``PHASES``
 (see the ``phase_start`` hook in loop/hookspecs.py for what each does).
 
 The ledger is the ``phases`` table: a phase's results and its done-mark are committed
@@ -26,38 +25,31 @@ from typing import Any, Callable
 
 from loop import components as c
 from loop import plugins
-from loop.config import RunConfig, config_from_dict, load_config
+from loop.config import RunConfig
 from loop.context import Context
-from loop.errors import ConfigError, PhaseFailed, SelfloopError, UserError
+from loop.errors import PhaseFailed, SelfloopError, UserError
 from loop.lock import RunLock
+from loop.runs import (  # noqa: F401 - re-exported: loop.runner is the entry point
+    CONFIG_FILE,
+    DB_FILE,
+    FROZEN_ON_RESUME,
+    Components,
+    _override_saved,
+    _refuse_existing,
+    build_components,
+    create_run,
+    load_run_config,
+    prepare,
+    resolve_model_path,
+    resolved_config,
+)
 from loop.store import Store
 
 PHASES = ("propose", "optimise", "generate", "judge", "select", "update", "evaluate")
-CONFIG_FILE = "config.json"
-DB_FILE = "run.db"
 
 
 class Interrupted(SelfloopError):
     exit_code = 130
-
-
-@dataclass
-class Components:
-    generator: c.Generator
-    prompt_sources: list[c.PromptSource]
-    optimisers: list[c.PromptOptimiser]
-    judges: list[c.Judge]
-    weights: dict[str, float]
-    selector: c.Selector
-    updater: c.Updater
-    evaluators: list[c.Evaluator]
-    model_builder: c.ModelBuilder | None = None
-
-    def all(self) -> list[c.Component]:
-        return [
-            self.generator, *self.prompt_sources, *self.optimisers, *self.judges,
-            self.selector, self.updater, *self.evaluators,
-        ]
 
 
 @dataclass
@@ -72,168 +64,6 @@ class RunInfo:
     store: Store
     model_path: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------
-# Preparing a run: everything is validated before the run folder exists
-# ---------------------------------------------------------------------------
-
-
-def build_components(config: RunConfig) -> Components:
-    file = config.source_file
-    for p in config.plugins:
-        try:
-            plugins.load_plugin_file(p, base=config.source_dir)
-        except UserError as e:
-            raise ConfigError(str(e), file=file, field="plugins") from None
-    build = plugins.build_component
-    judges = [
-        build("judge", spec, f"judges[{i}]", file, label=spec.label or spec.name)
-        for i, spec in enumerate(config.judges)
-    ]
-    return Components(
-        generator=build("generator", config.generator, "generator", file),
-        prompt_sources=[
-            build("prompt_source", s, f"prompts[{i}]", file) for i, s in enumerate(config.prompts)
-        ],
-        optimisers=[
-            build("prompt_optimiser", s, f"optimisers[{i}]", file)
-            for i, s in enumerate(config.optimisers)
-        ],
-        judges=judges,
-        weights={j.label: spec.weight for j, spec in zip(judges, config.judges)},
-        selector=build("selector", config.selector, "selector", file),
-        updater=build("updater", config.updater, "updater", file),
-        evaluators=[
-            build("evaluator", s, f"evaluators[{i}]", file) for i, s in enumerate(config.evaluators)
-        ],
-        model_builder=(
-            build("model_builder", config.model.build, "model.build", file)
-            if config.model.build is not None
-            else None
-        ),
-    )
-
-
-def resolve_model_path(config: RunConfig, comps: Components) -> str:
-    """The base model folder: a local folder, a cached hub snapshot, or a builder's output."""
-    if comps.model_builder is not None:
-        cache = Path(config.runs_dir).resolve() / ".cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        # Absolute: runs.model_path must still point at it when resumed from another folder.
-        return str(Path(comps.model_builder.build(str(cache))).resolve())
-    raw = config.model.path
-    p = Path(raw).expanduser()
-    if not p.is_absolute() and config.source_dir is not None and (config.source_dir / p).exists():
-        p = config.source_dir / p
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ConfigError(
-                f"folder {str(p)!r} has no config.json; give a Hugging Face model folder",
-                file=config.source_file, field="model.path",
-            )
-        return str(p.resolve())
-    if p.exists():
-        raise ConfigError(f"{raw!r} is a file; give a model folder", file=config.source_file, field="model.path")
-    # A hub name: only a copy already in the local cache (runs never download).
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(raw, local_files_only=True)
-    except Exception:
-        raise ConfigError(
-            f"{raw!r} is neither a local folder nor a hub model in the local cache; fix the "
-            f"path, or download it first (`hf download {raw}`)",
-            file=config.source_file, field="model.path",
-        ) from None
-
-
-def prepare(config_path: str | None, overrides: list[str] = (), data: dict | None = None,
-            extra_plugins: list[str] = ()) -> tuple[RunConfig, Components]:
-    """Load and validate a config with its components. Writes nothing."""
-    config = load_config(config_path, overrides, data=data)
-    for p in extra_plugins:
-        plugins.load_plugin_file(p)
-    # Plugin paths are stored absolute so `resume` finds them from anywhere.
-    config.plugins = [str((config.source_dir / p).resolve()) if not Path(p).is_absolute() else p
-                      for p in config.plugins]
-    comps = build_components(config)
-    return config, comps
-
-
-def resolved_config(config: RunConfig, comps: Components) -> dict:
-    """The config with every component's options filled in with their defaults."""
-    data = config.dump()
-
-    def full(spec: dict, comp: c.Component) -> dict:
-        out = {"name": spec["name"]}
-        for k in ("weight", "label"):
-            if k in spec:
-                out[k] = spec[k]
-        out.update(comp.options.model_dump(mode="json"))
-        return out
-
-    data["generator"] = full(data["generator"], comps.generator)
-    data["prompts"] = [full(s, x) for s, x in zip(data["prompts"], comps.prompt_sources)]
-    data["optimisers"] = [full(s, x) for s, x in zip(data["optimisers"], comps.optimisers)]
-    data["judges"] = [full(s, x) for s, x in zip(data["judges"], comps.judges)]
-    data["selector"] = full(data["selector"], comps.selector)
-    data["updater"] = full(data["updater"], comps.updater)
-    data["evaluators"] = [full(s, x) for s, x in zip(data["evaluators"], comps.evaluators)]
-    if comps.model_builder is not None:
-        data["model"]["build"] = full(data["model"]["build"], comps.model_builder)
-    return data
-
-
-def create_run(config: RunConfig, comps: Components, model_path: str, version: str,
-               replace: bool = False) -> Path:
-    """Make ``<runs_dir>/<name>`` atomically: built in a temp folder, then renamed."""
-    run_dir = config.run_dir
-    if run_dir.exists():
-        _refuse_existing(config, replace)
-        shutil.rmtree(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir.parent / f".{config.name}.creating-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        data = resolved_config(config, comps)
-        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        store = Store.open(tmp / DB_FILE)
-        store.init_run(config.name, data, config.seed, config.rounds, version, model_path)
-        store.close()
-        (tmp / "adapters").mkdir()
-        try:
-            os.rename(tmp, run_dir)
-        except OSError:
-            raise UserError(
-                f"{run_dir} was created by another process just now: `selfloop resume "
-                f"{run_dir}` continues it, or choose another name (--set name=NEW)"
-            ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return run_dir
-
-
-def _refuse_existing(config: RunConfig, replace: bool) -> None:
-    if config.run_dir.exists() and not replace:
-        raise UserError(
-            f"{config.run_dir} already exists: `selfloop resume {config.run_dir}` continues it, "
-            "or choose another name (--set name=NEW)"
-        )
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / CONFIG_FILE
-    if not (run_dir / DB_FILE).is_file() or not path.is_file():
-        raise UserError(
-            f"{run_dir}: not a selfloop run folder (no {DB_FILE} / {CONFIG_FILE}); give the "
-            "folder `selfloop run` made, e.g. runs/NAME"
-        )
-    data = json.loads(path.read_text())
-    return config_from_dict(data, source_dir=run_dir, label=str(path))
 
 
 # ---------------------------------------------------------------------------
@@ -733,9 +563,6 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
     return Runner(run_dir, config, comps, model_path, resumed=False)
 
 
-# Fields a resume may not change: they define which run this is.
-FROZEN_ON_RESUME = ("name", "seed", "model", "runs_dir")
-
 
 def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = ()) -> Runner:
     """Continue a run. ``overrides`` (``--set``) may change options for the phases still
@@ -770,18 +597,3 @@ def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = ()) -> 
             writer.close()
     return Runner(run_dir, config, comps, model_path, resumed=True)
 
-
-def _override_saved(run_dir: Path, config: RunConfig, overrides: list[str]) -> RunConfig:
-    from loop.config import parse_override
-
-    label = str(run_dir / CONFIG_FILE)
-    for text in overrides:
-        keys, _ = parse_override(text)
-        if keys[0] in FROZEN_ON_RESUME:
-            raise ConfigError(
-                f"--set {text}: {keys[0]} cannot change on resume (it defines the run); "
-                "start a new run with `selfloop run` instead", file=label, field=str(keys[0]),
-            )
-    data = json.loads((run_dir / CONFIG_FILE).read_text())
-    return load_config(label, overrides, data=data).model_copy(
-        update={"source_dir": run_dir, "source_file": label})
