@@ -146,18 +146,25 @@ def resume(run_dir, overrides, plugin_files, progress):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(run_dir, as_json):
     """Rounds x phases with durations and key metrics (reads the database read-only)."""
-    from loop.monitor import open_reader, status_data, status_table
+    from loop.monitor import status_data, status_table
+
+    _show(run_dir, status_data, status_table, as_json)
+
+
+def _show(run_dir, data_fn, table_fn, as_json: bool) -> None:
+    """Read a run (read-only) with ``data_fn``; print JSON or ``table_fn``'s table."""
+    from loop.monitor import open_reader
     from rich.console import Console
 
     store = open_reader(run_dir)
     try:
-        data = status_data(store)
+        data = data_fn(store)
     finally:
         store.close()
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
-        Console().print(status_table(data))
+        Console().print(table_fn(data))
 
 
 @cli.command()
@@ -176,18 +183,9 @@ def watch(run_dir, interval, once):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def report(run_dir, as_json):
     """One row per round: accuracy, judge agreement, pairs, reward margin, length, seconds."""
-    from loop.monitor import open_reader, report_data, report_table
-    from rich.console import Console
+    from loop.monitor import report_data, report_table
 
-    store = open_reader(run_dir)
-    try:
-        data = report_data(store)
-    finally:
-        store.close()
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        Console().print(report_table(data))
+    _show(run_dir, report_data, report_table, as_json)
 
 
 @cli.command()

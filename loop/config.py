@@ -257,14 +257,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict |
             apply_override(data, keys, value, text)
         except ConfigError as e:  # name the file the override applies to
             raise ConfigError(str(e), file=label) from None
-    try:
-        config = RunConfig.model_validate(data)
-    except ValidationError as e:
-        field, message = format_validation_error(e, RunConfig)
-        raise ConfigError(message, file=label, field=field) from None
-    config.source_file = label
-    config.source_dir = Path(path).resolve().parent if path is not None else Path.cwd()
-    return config
+    source_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    return config_from_dict(data, source_dir=source_dir, label=label)
 
 
 def config_from_dict(data: dict, source_dir: Path | None = None, label: str = "<config>") -> RunConfig:
