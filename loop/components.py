@@ -159,11 +159,27 @@ class Selection:
 
 
 @dataclass
+class Instruction:
+    """A scored candidate system instruction (OPRO's history); stored in ``instructions``."""
+
+    text: str
+    score: float | None
+    step: int = 0  # search step within the round (0: seed instructions)
+    scored_on: int = 0  # how many judge scores ``score`` averages
+    chosen: bool = False  # the round's system instruction
+    meta: dict[str, Any] = field(default_factory=dict)
+    optimiser: str | None = None  # filled in by the runner: the optimiser's label
+    id: int | None = None
+    round: int | None = None
+
+
+@dataclass
 class OptimiseResult:
     prompts: list[Prompt]  # the prompts generation should answer this round
     system: str | None = None  # a system instruction for the round (OPRO)
     new_prompts: list[Prompt] = field(default_factory=list)  # rewrites to store
     metrics: dict[str, float] = field(default_factory=dict)
+    instructions: list[Instruction] = field(default_factory=list)  # scored instructions to store
 
 
 @dataclass

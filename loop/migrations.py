@@ -191,3 +191,26 @@ def m001_initial(db):
         "create index idx_train_steps_round on train_steps(round)",
     ):
         db.execute(sql)
+
+
+@migrations()
+def m002_instructions(db):
+    # Why: instruction search (OPRO) scores many candidate system instructions per round
+    # and reads its own history back on later rounds and after a resume. Each row is one
+    # (instruction, score, round) with the optimiser that wrote it; `chosen` marks the one
+    # that became the round's system instruction (also in round_prompts.system).
+    db.execute(
+        """
+        create table instructions (
+            id integer primary key,
+            round integer not null references rounds(round),
+            optimiser text not null,       -- the optimiser's config label
+            step integer not null,         -- search step within the round (0: seeds)
+            text text not null,            -- the instruction
+            score real,                    -- its score; NULL when no answer could be scored
+            scored_on integer not null,    -- how many judge scores the score averages
+            chosen integer not null,       -- 1: the round's system instruction
+            meta text                      -- JSON
+        )"""
+    )
+    db.execute("create index idx_instructions_round on instructions(round)")

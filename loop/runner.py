@@ -307,6 +307,7 @@ class Runner:
                    if p.kind != "rewrite"]
         system = None
         new: list[c.Prompt] = []
+        instructions: list[c.Instruction] = []
         metrics: dict[str, float] = {}
         for opt in self.comps.optimisers:
             ctx.system = system
@@ -314,6 +315,9 @@ class Runner:
             prompts = res.prompts
             system = res.system if res.system is not None else system
             new.extend(res.new_prompts)
+            for ins in res.instructions:
+                ins.optimiser = opt.label
+            instructions.extend(res.instructions)
             metrics.update(res.metrics)
 
         def write(db):
@@ -327,6 +331,8 @@ class Runner:
                 db["round_prompts"].insert(
                     {"round": ctx.round, "position": i, "prompt_id": p.id, "system": system or p.system}
                 )
+            for ins in instructions:
+                self.store.insert_instruction(db, ins, ctx.round)
             self.store.put_metrics(db, ctx.round, metrics, "optimisers", "optimise")
 
         return write

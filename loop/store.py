@@ -296,6 +296,22 @@ class Store:
         ).last_pk
         return s.id
 
+    def insert_instruction(self, db, ins: c.Instruction, round: int) -> int:
+        ins.round = round
+        ins.id = db["instructions"].insert(
+            {
+                "round": round,
+                "optimiser": ins.optimiser,
+                "step": ins.step,
+                "text": ins.text,
+                "score": ins.score,
+                "scored_on": ins.scored_on,
+                "chosen": int(ins.chosen),
+                "meta": _json(ins.meta),
+            }
+        ).last_pk
+        return ins.id
+
     def insert_train_step(self, db, step: c.TrainStep, round: int) -> None:
         db["train_steps"].insert(
             {

@@ -80,22 +80,22 @@ def test_wal_and_foreign_keys(store, tmp_path):
 
 def test_migrations_are_recorded_and_idempotent(store, tmp_path):
     applied = [m.name for m in mig.migrations.applied(store.db)]
-    assert applied == ["m001_initial"]
+    assert applied == ["m001_initial", "m002_instructions"]
     schema = sorted(store.conn.execute("select name, sql from sqlite_master").fetchall(), key=str)
     mig.migrations.apply(store.db)  # again: nothing pending, nothing changes
     assert mig.migrations.pending(store.db) == []
     assert sorted(store.conn.execute("select name, sql from sqlite_master").fetchall(), key=str) == schema
-    assert store.rows("select count(*) n from _sqlite_migrations")[0]["n"] == 1
+    assert store.rows("select count(*) n from _sqlite_migrations")[0]["n"] == 2
     store.close()
     again = Store.open(tmp_path / "run.db")  # re-opening an existing run: a no-op
-    assert [m.name for m in mig.migrations.applied(again.db)] == ["m001_initial"]
+    assert [m.name for m in mig.migrations.applied(again.db)] == ["m001_initial", "m002_instructions"]
     again.close()
 
 
 def test_upgrade_from_an_older_schema(tmp_path):
-    """A database made before a (hypothetical) m002 is upgraded in place, data kept."""
+    """A database made before a (hypothetical) m003 is upgraded in place, data kept."""
     path = tmp_path / "old.db"
-    old = Store.open(path)  # the schema as released: m001 only
+    old = Store.open(path)  # the schema as released: m001 and m002
     with old.transaction() as db:
         db["rounds"].insert({"round": 0, "status": "done"})
         db["metrics"].insert({"round": 0, "name": "eval/accuracy", "value": 0.5})
@@ -103,20 +103,21 @@ def test_upgrade_from_an_older_schema(tmp_path):
 
     newer = Migrations("selfloop")
     newer()(mig.m001_initial)
+    newer()(mig.m002_instructions)
 
     @newer()
-    def m002_metric_units(db):
+    def m003_metric_units(db):
         # Why: a hypothetical later release records each metric's unit.
         db["metrics"].add_column("unit", str)
 
     db = sqlite_utils.Database(path)
-    assert [m.name for m in newer.pending(db)] == ["m002_metric_units"]
+    assert [m.name for m in newer.pending(db)] == ["m003_metric_units"]
     newer.apply(db)
-    assert [m.name for m in newer.applied(db)] == ["m001_initial", "m002_metric_units"]
+    assert [m.name for m in newer.applied(db)] == ["m001_initial", "m002_instructions", "m003_metric_units"]
     assert "unit" in db["metrics"].columns_dict
     assert list(db.query("select name, value from metrics")) == [{"name": "eval/accuracy", "value": 0.5}]
     newer.apply(db)  # idempotent
-    assert len(newer.applied(db)) == 2
+    assert len(newer.applied(db)) == 3
     db.close()
 
 
@@ -178,3 +179,21 @@ def test_documented_queries_run_on_a_real_run(tmp_path):
     assert isinstance(prompt, str) and chosen != rejected
     assert results[2] and all(row[2] >= 1 and row[3] == "garbage" for row in results[2])
     conn.close()
+
+
+def test_m001_database_gains_the_instructions_table(tmp_path):
+    """A run made before m002 (instruction search) opens with the new table, data kept."""
+    path = tmp_path / "m001.db"
+    only_m001 = Migrations("selfloop")
+    only_m001()(mig.m001_initial)
+    db = sqlite_utils.Database(path)
+    only_m001.apply(db)
+    db["rounds"].insert({"round": 0, "status": "done"})
+    db.close()
+    store = Store.open(path)
+    try:
+        assert [m.name for m in mig.migrations.applied(store.db)] == ["m001_initial", "m002_instructions"]
+        assert "instructions" in actual_tables(store.conn)
+        assert store.rows("select round from rounds") == [{"round": 0}]
+    finally:
+        store.close()
