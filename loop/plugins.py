@@ -31,6 +31,8 @@ from loop.errors import ConfigError, PluginError
 BUILTINS = (
     "plugins.generators.hf",
     "plugins.judges.self_reward",
+    "plugins.prompts.self_instruct",
+    "plugins.prompts.opro",
     "plugins.selectors.pairs",
     "plugins.selectors.top_k",
     "plugins.updaters.dpo",

@@ -1,0 +1,147 @@
+"""Self-instruct prompt creation: the policy writes new prompts from few-shot examples.
+
+After the instruction creation step of Self-Rewarding Language Models (Yuan et al. 2024,
+sec. 2.3, itself after Self-Instruct, Wang et al. 2023). Config::
+
+    [[prompts]]
+    name = "self_instruct"
+    per_round = 16        # new prompts asked for each round
+    examples = 4          # existing prompts shown in each request
+
+The algorithm (``propose``):
+
+1. The pool is every prompt stored in earlier rounds (originals and derived ones) plus
+   the ``seeds`` of the config. An empty pool proposes nothing this round.
+2. For each of ``per_round`` requests, sample ``examples`` prompts from the pool
+   (``ctx.rng``) and render ``prompts/self_instruct.j2``: the examples as a numbered list,
+   then a request for one more.
+3. The policy (``ctx.generator`` with ``ctx.adapter``) writes one reply per request; its
+   first paragraph, stripped of a leading list number, is the candidate prompt.
+4. A candidate is dropped when it is empty or when its word n-gram overlap with any stored
+   prompt, any seed, or a prompt already kept this round is ``max_overlap`` or more
+   (``ngram_overlap``: shared n-grams over the smaller set).
+5. Each kept prompt is ``kind="derived"``, its ``parent`` is the first stored example it
+   was shown, and ``meta["derived_from"]`` lists the ids of every stored example.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field
+
+import loop
+
+_WORD = re.compile(r"\w+")
+_NUMBER = re.compile(r"^\s*\d+\s*[.)]\s*")
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Lower-cased word n-grams of ``text``; a text shorter than n gives its whole word list."""
+    words = _WORD.findall(text.lower())
+    if len(words) < n:
+        return {tuple(words)} if words else set()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def ngram_overlap(a: set, b: set) -> float:
+    """Shared n-grams over the smaller set (1.0: one text's n-grams all occur in the other)."""
+    if not a or not b:
+        return 0.0
+    return len(a & b) / min(len(a), len(b))
+
+
+def parse_reply(text: str) -> str:
+    """The new prompt in a reply: its first non-blank paragraph without a list number."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    if not paragraphs:
+        return ""
+    return _NUMBER.sub("", paragraphs[0], count=1).strip()
+
+
+class SelfInstructPrompts(loop.PromptSource):
+    """New prompts written by the policy, de-duplicated against everything stored."""
+
+    name = "self_instruct"
+
+    class Options(loop.PromptSource.Options):
+        # Requests per round; fewer prompts are kept when replies are empty or duplicates.
+        per_round: int = Field(16, ge=1)
+        # Existing prompts shown as examples in each request (fewer if the pool is smaller).
+        examples: int = Field(4, ge=1)
+        # Prompts to start from when nothing is stored yet (round 1 of a run).
+        seeds: list[str] = []
+        # A name in prompts/ (without .j2) or a path to a .j2 file using {examples}.
+        template: str = "self_instruct"
+        # Sampling for the writer: diverse on purpose (Self-Instruct samples at 0.7-1.0).
+        temperature: float = Field(1.0, ge=0.0)
+        top_p: float = Field(0.9, gt=0.0, le=1.0)
+        max_new_tokens: int = Field(128, ge=1)
+        # Word n-gram size and the overlap at or above which a prompt is a near-duplicate.
+        ngram: int = Field(3, ge=1)
+        max_overlap: float = Field(0.7, gt=0.0, le=1.0)
+
+    def setup(self, ctx) -> None:
+        self._template(ctx)
+
+    def _template(self, ctx):
+        return ctx.template(self.options.template, {"examples"})
+
+    def propose(self, ctx) -> list[loop.Prompt]:
+        opts = self.options
+        if ctx.generator is None:
+            raise loop.UserError("self_instruct needs the run's generator")
+        stored = ctx.store.rows(
+            "select id, round, text, kind from prompts where round < ? order by id", [ctx.round]
+        )
+        pool = [(None, t) for t in opts.seeds] + [
+            (r, r["text"]) for r in stored if r["kind"] in ("original", "derived")
+        ]
+        if not pool:
+            ctx.event("self_instruct: no prompts to take examples from yet; proposing none")
+            return []
+        rng = ctx.rng(self.label)
+        template = self._template(ctx)
+        requests = []
+        for _ in range(opts.per_round):
+            shown = rng.sample(pool, min(opts.examples, len(pool)))
+            requests.append(shown)
+        chats = [
+            [{"role": "user", "content": template.render(examples=[t for _, t in shown])}]
+            for shown in requests
+        ]
+        sampling = loop.Sampling(n=1, temperature=opts.temperature, top_p=opts.top_p,
+                                 max_new_tokens=opts.max_new_tokens,
+                                 seed=ctx.derive_seed(self.label))
+        replies = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter, progress=False)
+        known = [ngrams(r["text"], opts.ngram) for r in stored]
+        known += [ngrams(t, opts.ngram) for t in opts.seeds]
+        kept: list[loop.Prompt] = []
+        dropped = {"empty": 0, "duplicate": 0}
+        for shown, reply in zip(requests, replies):
+            text = parse_reply(reply[0].text)
+            grams = ngrams(text, opts.ngram)
+            if not grams:
+                dropped["empty"] += 1
+                continue
+            if any(ngram_overlap(grams, k) >= opts.max_overlap for k in known):
+                dropped["duplicate"] += 1
+                continue
+            known.append(grams)
+            rows = [r for r, _ in shown if r is not None]
+            parent = None
+            if rows:
+                parent = loop.Prompt(text=rows[0]["text"], id=rows[0]["id"], round=rows[0]["round"])
+            kept.append(loop.Prompt(
+                text=text, source=self.label, kind="derived", parent=parent,
+                meta={"derived_from": [r["id"] for r in rows],
+                      "seed_examples": sum(r is None for r, _ in shown)},
+            ))
+        ctx.event(f"self_instruct: kept {len(kept)} of {len(requests)} new prompts",
+                  kept=len(kept), **dropped)
+        return kept
+
+
+@loop.hookimpl
+def register_prompt_sources(register):
+    register(SelfInstructPrompts)
