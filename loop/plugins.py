@@ -33,6 +33,7 @@ BUILTINS = (
     "plugins.judges.self_reward",
     "plugins.prompts.self_instruct",
     "plugins.prompts.opro",
+    "plugins.prompts.bpo",
     "plugins.selectors.pairs",
     "plugins.selectors.top_k",
     "plugins.updaters.dpo",
