@@ -1,0 +1,216 @@
+"""Prompt-side components with a scripted generator: self_instruct, opro, bpo.
+
+The generator and judge here are real plugins (registered for the test, unregistered
+after) that return canned texts, so the exact prompts the components build, what they
+keep, and how they score and link their results can be checked without a model.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from pathlib import Path
+
+import pytest
+
+import loop
+from loop import plugins
+from loop.config import ComponentSpec
+from loop.context import Context
+from loop.store import Store
+from loop.templates import load_template
+from plugins.prompts.opro import meta_history, parse_instruction
+from plugins.prompts.self_instruct import ngram_overlap, ngrams, parse_reply
+
+
+class Scripted(loop.Generator):
+    """Replies with ``respond(chat, sample_index)``; records every chat it was sent."""
+
+    name = "scripted"
+    respond = staticmethod(lambda chat, i: "")
+    calls: list = []
+
+    def generate(self, ctx, chats, sampling, *, adapter, progress=True):
+        Scripted.calls.append({"chats": list(chats), "adapter": adapter, "n": sampling.n})
+        return [[loop.Completion(text=Scripted.respond(chat, i), num_tokens=1, finish_reason="stop")
+                 for i in range(sampling.n)] for chat in chats]
+
+
+class TableJudge(loop.Judge):
+    """Scores an answer from a table (missing answers are parse failures)."""
+
+    name = "table"
+    table: dict[str, float] = {}
+
+    def judge(self, ctx, candidates):
+        return loop.JudgeResult(judgments=[
+            loop.Judgment(candidate=c, score=TableJudge.table.get(c.text), raw="") for c in candidates
+        ])
+
+
+class _Plugin:
+    @loop.hookimpl
+    def register_generators(self, register):
+        register(Scripted)
+
+    @loop.hookimpl
+    def register_judges(self, register):
+        register(TableJudge)
+
+
+@pytest.fixture(autouse=True)
+def scripted():
+    plugin = _Plugin()
+    plugins.register(plugin, name="scripted-test")
+    Scripted.calls = []
+    yield
+    plugins.unregister(plugin)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(tmp_path / "run.db")
+    yield s
+    s.close()
+
+
+def ctx_for(store, tmp_path, round, phase, *, policy=None, adapter=None):
+    config = types.SimpleNamespace(seed=3, source_dir=None,
+                                   generate=types.SimpleNamespace(max_new_tokens=16))
+    return Context(config=config, run_dir=tmp_path, round=round, phase=phase, adapter=adapter,
+                   policy_label="base", store=store, generator=Scripted(),
+                   _policy_factory=(lambda: policy) if policy is not None else None)
+
+
+def add_prompts(store, round, texts, kind="original"):
+    store.start_phase(round, "propose")
+    out = [loop.Prompt(text=t, source="test", kind=kind) for t in texts]
+    with store.transaction() as db:
+        for p in out:
+            store.insert_prompt(db, p, round)
+    return out
+
+
+# -- self_instruct -----------------------------------------------------------------
+
+
+def test_ngram_overlap_and_reply_parsing():
+    assert ngrams("Sort the letters: a b", 3) == {("sort", "the", "letters"), ("the", "letters", "a"),
+                                                   ("letters", "a", "b")}
+    assert ngrams("hi there", 3) == {("hi", "there")}
+    a, b = ngrams("write a poem about the sea", 3), ngrams("Write a POEM about the sea!", 3)
+    assert ngram_overlap(a, b) == 1.0
+    assert ngram_overlap(a, ngrams("list three prime numbers please", 3)) == 0.0
+    assert parse_reply("  5. Name a colour.\n\nSure, that is it.") == "Name a colour."
+    assert parse_reply("\n\n") == ""
+
+
+def test_self_instruct_prompt_dedup_and_links(store, tmp_path):
+    stored = add_prompts(store, 1, ["Write a poem about the sea", "List three prime numbers",
+                                    "Explain how rain forms"])
+    replies = iter(["Write a poem about the sea and sky",  # near-duplicate of a stored prompt
+                    "Describe a cat in two lines",
+                    "4. describe a cat in two lines",        # duplicate within the batch
+                    "",                                       # empty
+                    "Name the largest planet"])
+    Scripted.respond = staticmethod(lambda chat, i: next(replies))
+    comp = plugins.build_component("prompt_source", ComponentSpec(name="self_instruct", per_round=5,
+                                                                  examples=2, max_overlap=0.5), "p")
+    store.start_phase(2, "propose")
+    ctx = ctx_for(store, tmp_path, 2, "propose")
+    comp.setup(ctx)
+    out = comp.propose(ctx)
+    assert [p.text for p in out] == ["Describe a cat in two lines", "Name the largest planet"]
+    # The request: k stored examples as a numbered list, then the next number.
+    chats = Scripted.calls[0]["chats"]
+    assert len(chats) == 5 and Scripted.calls[0]["adapter"] is None
+    by_text = {p.text: p.id for p in stored}
+    for chat, p in zip([chats[1], chats[4]], out):
+        listed = re.findall(r"^(\d+)\. ?(.*)$", chat[0]["content"], re.M)
+        assert [n for n, _ in listed] == ["1", "2", "3"] and listed[-1][1] == ""
+        shown = [by_text[t] for _, t in listed[:2]]
+        assert p.kind == "derived" and p.meta["derived_from"] == shown
+        assert p.parent.id == shown[0]
+    with store.transaction() as db:
+        for p in out:
+            store.insert_prompt(db, p, 2)
+    rows = store.rows("select parent_id, kind from prompts where round = 2")
+    assert all(r["kind"] == "derived" and r["parent_id"] in by_text.values() for r in rows)
+
+
+def test_self_instruct_with_nothing_stored_proposes_nothing(store, tmp_path):
+    store.start_phase(1, "propose")
+    comp = plugins.build_component("prompt_source", ComponentSpec(name="self_instruct"), "p")
+    assert comp.propose(ctx_for(store, tmp_path, 1, "propose")) == []
+    assert Scripted.calls == []
+
+
+# -- opro ----------------------------------------------------------------------------
+
+META = "Your task is to write a system instruction"
+
+
+def test_opro_meta_prompt_scores_and_choice(store, tmp_path):
+    prompts = add_prompts(store, 1, [f"question {i}" for i in range(6)])
+    with store.transaction() as db:
+        for text, score, chosen in (("A", 2.0, 0), ("B", 0.5, 0), ("C", 4.0, 1), ("D", None, 0)):
+            store.insert_instruction(db, loop.Instruction(text=text, score=score, chosen=bool(chosen),
+                                                          optimiser="opro", scored_on=3), 1)
+    store.start_phase(2, "optimise")
+
+    def respond(chat, i):
+        if chat[-1]["content"].startswith(META):
+            return ["<INS>Be brief.</INS>", "<INS>be   BRIEF.</INS>", "Think step by step.", "<INS> </INS>"][i]
+        return chat[0]["content"] if chat[0]["role"] == "system" else "plain"
+
+    Scripted.respond = staticmethod(respond)
+    TableJudge.table = {"C": 1.0, "Be brief.": 3.0, "Think step by step.": 2.0}
+    comp = plugins.build_component("prompt_optimiser", ComponentSpec(
+        name="opro", judge={"name": "table"}, proposals=4, score_prompts=3, exemplars=2), "o")
+    ctx = ctx_for(store, tmp_path, 2, "optimise")
+    comp.setup(ctx)
+    res = comp.optimise(ctx, prompts)
+    # The meta-prompt: best past instructions, one per text at its latest score, ascending.
+    meta = next(c["chats"][0][0]["content"] for c in Scripted.calls if c["n"] == 4)
+    assert re.findall(r"Instruction: (.*)\nScore: (.*)", meta) == [("B", "0.50"), ("C", "1.00"), ("A", "2.00")]
+    requests = re.findall(r"^Request: (.*)$", meta, re.M)
+    assert len(requests) == 2 and set(requests) <= {p.text for p in prompts}
+    # Step 0 re-scores round 1's choice; duplicates (case, spacing) and empty ones dropped.
+    assert [(i.text, i.step, i.score, i.scored_on) for i in res.instructions] == [
+        ("C", 0, 1.0, 3), ("Be brief.", 1, 3.0, 3), ("Think step by step.", 1, 2.0, 3)]
+    assert [i.chosen for i in res.instructions] == [False, True, False]
+    assert res.system == "Be brief." and res.prompts == prompts
+    assert res.metrics == {"opro/proposed": 2.0, "opro/duplicates": 2.0, "opro/best_score": 3.0,
+                           "opro/mean_score": 2.0}
+    # Answers were written with each instruction as the system message, by the policy.
+    answer_chats = [ch for c in Scripted.calls if c["n"] == 1 for ch in c["chats"]]
+    assert sum(ch[0] == {"role": "system", "content": "Be brief."} for ch in answer_chats) == 3
+
+
+def test_opro_first_round_scores_the_initial_instruction(store, tmp_path):
+    prompts = add_prompts(store, 1, ["q1", "q2"])
+    store.start_phase(1, "optimise")
+    Scripted.respond = staticmethod(
+        lambda chat, i: "<INS>Answer well.</INS>" if chat[-1]["content"].startswith(META)
+        else (chat[0]["content"] if chat[0]["role"] == "system" else "plain"))
+    TableJudge.table = {"plain": 1.0}  # "Answer well." answers never parse
+    comp = plugins.build_component("prompt_optimiser", ComponentSpec(
+        name="opro", judge={"name": "table"}, proposals=1), "o")
+    ctx = ctx_for(store, tmp_path, 1, "optimise")
+    res = comp.optimise(ctx, prompts)
+    assert [(i.text, i.score, i.scored_on, i.chosen) for i in res.instructions] == [
+        ("", 1.0, 2, True), ("Answer well.", None, 0, False)]
+    assert res.system is None  # the empty instruction: no system message
+    assert "Instruction: (no instruction)\nScore: 1.00" in Scripted.calls[1]["chats"][0][0]["content"]
+
+
+def test_opro_unknown_judge_is_a_config_error():
+    with pytest.raises(loop.ConfigError, match="unknown judge"):
+        plugins.build_component("prompt_optimiser", ComponentSpec(name="opro", judge={"name": "nope"}), "o")
+
+
+def test_meta_history_and_parse():
+    assert meta_history([("x", 1.0), ("y", 3.0), ("x", 2.0), ("z", 0.0)], 2) == [
+        {"text": "x", "score": "2.00"}, {"text": "y", "score": "3.00"}]
+    assert parse_instruction("blah <INS> Be\n concise. </INS> more") == "Be concise."
+    assert parse_instruction("  no tags  here ") == "no tags here"
