@@ -214,3 +214,84 @@ def test_meta_history_and_parse():
         {"text": "x", "score": "2.00"}, {"text": "y", "score": "3.00"}]
     assert parse_instruction("blah <INS> Be\n concise. </INS> more") == "Be concise."
     assert parse_instruction("  no tags  here ") == "no tags here"
+
+
+# -- bpo -----------------------------------------------------------------------------
+
+IMPROVE = "A user sent the request below"
+REWRITE = "Improve this request"
+
+
+def add_pair(store, round, prompt, chosen, rejected):
+    a = loop.Candidate(prompt=prompt, text=chosen)
+    b = loop.Candidate(prompt=prompt, text=rejected, sample_index=1)
+    with store.transaction() as db:
+        store.insert_pair(db, loop.Pair(prompt=prompt, chosen=a, rejected=b, chosen_score=4.0,
+                                        rejected_score=1.0), round, selected=True)
+
+
+def bpo_respond(chat, i):
+    text = chat[-1]["content"]
+    if text.startswith(IMPROVE):
+        return "Sort these letters: c a, answer with letters only"
+    if text.startswith(REWRITE):
+        original = text.splitlines()[-1]
+        return {"q1": "q1, answer briefly", "q2": "  Q2 ", "q3": ""}[original]
+    return "?"
+
+
+@pytest.mark.parametrize("keep_original", [False, True])
+def test_bpo_trains_a_rewriter_and_links_rewrites(store, tmp_path, tiny_policy, keep_original):
+    [p1] = add_prompts(store, 1, ["Sort: c a"])
+    add_pair(store, 1, p1, "a c", "c a")
+    incoming = add_prompts(store, 2, ["q1", "q2", "q3"])
+    Scripted.respond = staticmethod(bpo_respond)
+    comp = plugins.build_component("prompt_optimiser", ComponentSpec(
+        name="bpo", keep_original=keep_original, train={"max_steps": 2, "batch_size": 2}), "b")
+    ctx = ctx_for(store, tmp_path, 2, "optimise", policy=tiny_policy)
+    comp.setup(ctx)
+    res = comp.optimise(ctx, incoming)
+    # Training data: the pair's prompt, with both answers, improved by the policy.
+    improve_chat = Scripted.calls[0]["chats"][0][0]["content"]
+    assert "Sort: c a" in improve_chat and "a c" in improve_chat and Scripted.calls[0]["adapter"] is None
+    [example] = res.new_prompts
+    assert example.kind == "rewrite" and example.parent.id == p1.id and example.meta["bpo"] == "train"
+    # The rewriter: a PEFT folder, used as the adapter for rewriting.
+    folder = tmp_path / "adapters" / "bpo-round-2"
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert Scripted.calls[1]["adapter"] == str(folder)
+    # Only q1 changed (q2's rewrite equals it up to case and spacing; q3's is empty).
+    rw = next(p for p in res.prompts if p.kind == "rewrite")
+    assert rw.text == "q1, answer briefly" and rw.parent is incoming[0]
+    assert rw.meta == {"bpo": "rewrite", "adapter": "adapters/bpo-round-2"}
+    expected = ([incoming[0], rw] if keep_original else [rw]) + incoming[1:]
+    assert res.prompts == expected
+    assert res.metrics["bpo/rewrite_rate"] == pytest.approx(1 / 3)
+    assert res.metrics["bpo/train_examples"] == 1.0
+
+
+def test_bpo_without_pairs_passes_prompts_through(store, tmp_path):
+    incoming = add_prompts(store, 1, ["q1"])
+    comp = plugins.build_component("prompt_optimiser", ComponentSpec(name="bpo"), "b")
+    res = comp.optimise(ctx_for(store, tmp_path, 1, "optimise"), incoming)
+    assert res.prompts == incoming and res.new_prompts == [] and Scripted.calls == []
+    assert res.metrics["bpo/rewrite_rate"] == 0.0
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_bpo_score_delta(store, tmp_path):
+    [orig] = add_prompts(store, 1, ["q1"])
+    rw = loop.Prompt(text="q1 better", source="bpo", kind="rewrite", parent=orig, meta={"bpo": "rewrite"})
+    cands = [loop.Candidate(prompt=orig, text="o1"), loop.Candidate(prompt=orig, text="o2"),
+             loop.Candidate(prompt=rw, text="r1")]
+    scores = {"o1": [1.0, 3.0], "o2": [1.0, None], "r1": [4.0]}  # orig: mean(2, 1) = 1.5
+    with store.transaction() as db:
+        store.insert_prompt(db, rw, 1)
+        for i, p in enumerate((orig, rw)):
+            db["round_prompts"].insert({"round": 1, "position": i, "prompt_id": p.id, "system": None})
+        for c in cands:
+            for s in scores[c.text]:
+                store.insert_judgment(db, loop.Judgment(candidate=c, score=s, judge="j"), 1)
+    ev = plugins.build_component("evaluator", ComponentSpec(name="bpo"), "e")
+    assert ev.evaluate(ctx_for(store, tmp_path, 1, "evaluate")) == {"bpo/score_delta": 2.5,
+                                                                    "bpo/compared": 1.0}

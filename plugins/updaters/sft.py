@@ -112,11 +112,11 @@ def train_sft(
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
                 optimizer.step()
-                steps.append(loop.TrainStep(step=number, loss=float(loss),
+                steps.append(loop.TrainStep(step=number, loss=float(loss.detach()),
                                             learning_rate=options.learning_rate,
                                             grad_norm=float(grad_norm)))
                 if progress is not None:
-                    progress(number, len(plan), float(loss))
+                    progress(number, len(plan), float(loss.detach()))
         finally:
             model.eval()
     policy.save_adapter(output_dir)
