@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A smaller, briefly trained seed model (built once for both tests: they share runs_dir and
 # so the model cache): enough for the judge to write parseable scores most of the time.
 SHORT = [
-    "--set", "model.build.steps=120",
+    "--set", "model.build.steps=150",
     "--set", "model.build.hidden_size=64",
     "--set", "model.build.layers=2",
     "--set", "model.build.intermediate_size=128",
@@ -46,7 +46,7 @@ def run_config(runs: Path, config: str, *extra: str) -> Path:
 
 
 def test_opro_demo_two_rounds(runs):
-    run_dir = run_config(runs, "opro_demo.toml", "--set", "optimisers.0.score_prompts=3",
+    run_dir = run_config(runs, "opro_demo.toml", "--set", "optimisers.0.score_prompts=2",
                          "--set", "optimisers.0.proposals=2", "--set", "optimisers.0.max_new_tokens=12")
     db = run_dir / "run.db"
     assert q(db, "select status from runs")[0]["status"] == "completed"
