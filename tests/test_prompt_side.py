@@ -295,3 +295,23 @@ def test_bpo_score_delta(store, tmp_path):
     ev = plugins.build_component("evaluator", ComponentSpec(name="bpo"), "e")
     assert ev.evaluate(ctx_for(store, tmp_path, 1, "evaluate")) == {"bpo/score_delta": 2.5,
                                                                     "bpo/compared": 1.0}
+
+
+def test_self_instruct_in_a_run_links_derived_prompts(tmp_path):
+    """Through the runner (fake components): round 2 adds derived prompts, stored and answered."""
+    from tests.core_helpers import rows, run_inprocess, write_config
+
+    extra = '[[prompts]]\nname = "self_instruct"\nper_round = 6\nexamples = 2\nngram = 1\nmax_overlap = 1.0\n'
+    run_dir = run_inprocess(write_config(tmp_path / "c.toml", tmp_path / "runs", rounds=2, extra=extra))
+    db = run_dir / "run.db"
+    assert rows(db, "select count(*) n from prompts where kind = 'derived' and round = 1") == [{"n": 0}]
+    derived = rows(db, "select * from prompts where kind = 'derived' and round = 2")
+    assert derived and all(p["source"] == "self_instruct" for p in derived)
+    round1 = {r["id"] for r in rows(db, "select id from prompts where round = 1")}
+    for p in derived:
+        meta = __import__("json").loads(p["meta"])
+        assert p["parent_id"] == meta["derived_from"][0] and set(meta["derived_from"]) <= round1
+    answered = {r["prompt_id"] for r in rows(db, "select prompt_id from round_prompts where round = 2")}
+    assert {p["id"] for p in derived} <= answered
+    texts = [p["text"].lower() for p in derived]
+    assert len(set(texts)) == len(texts)  # no duplicates within the batch
