@@ -26,7 +26,6 @@ A minimal config::
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -271,5 +270,3 @@ def config_from_dict(data: dict, source_dir: Path | None = None, label: str = "<
     config.source_dir = source_dir or Path.cwd()
     return config
 
-
-_VALID_NAME = re.compile(NAME_RE)

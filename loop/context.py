@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -51,7 +51,6 @@ class Context:
     _policy_factory: Callable[[], Policy] | None = None
     _progress: Callable[..., None] | None = None
     _event: Callable[..., None] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:

@@ -31,6 +31,7 @@ from loop.errors import ConfigError, PluginError
 BUILTINS = (
     "plugins.generators.hf",
     "plugins.judges.self_reward",
+    "plugins.prompts.dataset",
     "plugins.prompts.self_instruct",
     "plugins.prompts.opro",
     "plugins.prompts.bpo",
@@ -257,16 +258,22 @@ def plugin_hooks() -> list[dict]:
     return out
 
 
-def build_component(kind: str, spec, field_name: str, file: str | None = None, label: str | None = None):
-    """Instantiate the component a config section names, validating its options."""
+def build_component(kind: str, spec, field_name: str, file: str | None = None,
+                    label: str | None = None, source_dir=None):
+    """Instantiate the component a config section names, validating its options.
+
+    Options validators get ``info.context["source_dir"]``: the config file's folder, to
+    resolve and check relative paths before anything is written.
+    """
     cls = registry().get(kind, spec.name, f"{field_name}.name", file)
     try:
-        options = cls.Options.model_validate(spec.options())
+        options = cls.Options.model_validate(spec.options(), context={"source_dir": source_dir})
     except ValidationError as e:
         from loop.config import format_validation_error
 
         sub, message = format_validation_error(e, cls.Options)
-        raise ConfigError(message, file=file, field=f"{field_name}.{sub}") from None
+        field = field_name if sub == "(top level)" else f"{field_name}.{sub}"
+        raise ConfigError(message, file=file, field=field) from None
     except ValueError as e:
         raise ConfigError(str(e), file=file, field=field_name) from None
     return cls(options, label=label)

@@ -19,9 +19,9 @@ import shutil
 import signal
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from loop import components as c
 from loop import plugins
@@ -63,7 +63,6 @@ class RunInfo:
     resumed: bool
     store: Store
     model_path: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -86,6 +85,7 @@ class Runner:
         self.info: RunInfo | None = None
         self._policy = None
         self._set_up: set[int] = set()
+        self._current: c.Component | None = None  # the component running now, for errors
         self._stop_requested = False
         self._progress_interval = progress_interval
         self._last_progress_write = 0.0
@@ -221,9 +221,9 @@ class Runner:
                 write(db)
                 self.store.end_phase(db, r, phase, "done", seconds)
                 if phase == "evaluate":
-                    policy = self.store.round_row(r)["policy"] or ctx.policy_label
-                    adapter = self.store.round_row(r)["adapter"]
-                    self.store.end_round(db, r, policy if r else "base", adapter if r else None,
+                    row = self.store.round_row(r)
+                    policy = (row["policy"] or ctx.policy_label) if r else "base"
+                    self.store.end_round(db, r, policy, row["adapter"] if r else None,
                                          time.monotonic() - round_t0)
         except (KeyboardInterrupt, Interrupted):
             self._end_failed(r, phase, t0, "interrupted", "interrupted by the user", None)
@@ -257,13 +257,13 @@ class Runner:
                    {"traceback": tb} if tb else None, plugin=plugin)
         self.hook.phase_end(run=self.info, round=r, phase=phase, status=status, seconds=seconds)
 
-    def _call(self, comp: c.Component, method: str, ctx: Context, *args):
+    def _call(self, comp: c.Component, method: str, ctx: Context, *args, **kwargs):
         """Call a component, remembering it so a failure names its plugin."""
         self._current = comp
         if id(comp) not in self._set_up:
             comp.setup(ctx)
             self._set_up.add(id(comp))
-        result = getattr(comp, method)(ctx, *args)
+        result = getattr(comp, method)(ctx, *args, **kwargs)
         self._current = None
         return result
 
@@ -348,11 +348,8 @@ class Runner:
             chats.append(chat)
         sampling = c.Sampling(n=g.n, temperature=g.temperature, top_p=g.top_p,
                               max_new_tokens=g.max_new_tokens, seed=ctx.seed)
-        self._current = gen = self.comps.generator
-        if id(gen) not in self._set_up:
-            gen.setup(ctx)
-            self._set_up.add(id(gen))
-        outs = gen.generate(ctx, chats, sampling, adapter=ctx.adapter)
+        outs = self._call(self.comps.generator, "generate", ctx, chats, sampling, adapter=ctx.adapter)
+        self._current = self.comps.generator  # a malformed result is the generator's fault
         if len(outs) != len(prompts) or any(len(o) != g.n for o in outs):
             raise RuntimeError(
                 f"generator returned {len(outs)} lists for {len(prompts)} prompts "

@@ -8,6 +8,7 @@ resolved config saved in ``config.json`` and in the database. ``loop.runner`` ru
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ def build_components(config: RunConfig) -> Components:
             plugins.load_plugin_file(p, base=config.source_dir)
         except UserError as e:
             raise ConfigError(str(e), file=file, field="plugins") from None
-    build = plugins.build_component
+    build = functools.partial(plugins.build_component, source_dir=config.source_dir)
     judges = [
         build("judge", spec, f"judges[{i}]", file, label=spec.label or spec.name)
         for i, spec in enumerate(config.judges)

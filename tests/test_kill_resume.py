@@ -35,8 +35,9 @@ from tests.core_helpers import (
     write_config,
 )
 
-SLOW = dict(rounds=2, per_round=5, n=4, generator={"sleep": 0.1}, judge={"sleep": 0.02},
-            updater={"sleep": 0.15})
+# Each slowed phase lasts over a second, so a kill lands inside it even on a loaded machine.
+SLOW = dict(rounds=2, per_round=5, n=4, generator={"sleep": 0.25}, judge={"sleep": 0.06},
+            updater={"sleep": 0.4})
 JUDGMENTS = 'INSERT INTO "judgments"'  # the text sqlite-utils emits (see Store.insert_judgment)
 
 
@@ -124,7 +125,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, reference, nam
                                     "round-1/adapter_model.safetensors", "round-2/",
                                     "round-2/adapter_config.json", "round-2/adapter_model.safetensors"]
     # The saved config is the run's own, unchanged by the kills.
-    assert json.loads((run_dir / "config.json").read_text())["generator"]["sleep"] == 0.1
+    assert json.loads((run_dir / "config.json").read_text())["generator"]["sleep"] == SLOW["generator"]["sleep"]
 
 
 def _check_killed_in_commit(run_dir: Path, what: str) -> None:

@@ -302,8 +302,10 @@ def test_failing_component_marks_phase_failed_then_resume_retries(tmp_path):
 
 
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    # The holder's generate phase lasts ~60 s (it is killed at the end), so it is surely
+    # still running however slowly the refused process starts on a loaded machine.
     config = write_config(tmp_path / "c.toml", tmp_path / "runs", rounds=1, per_round=10, n=2,
-                          generator={"sleep": 0.5})
+                          generator={"sleep": 6.0})
     holder = cli_popen("run", str(config), "--progress", "off")
     run_dir = tmp_path / "runs" / "fake"
     try:
