@@ -307,3 +307,24 @@ def chat_of(prompt: loop.Prompt, system: str | None) -> loop.Chat:
     if system and not prompt.system:
         chat.insert(0, {"role": "system", "content": system})
     return chat
+
+
+def encode(tok, prompt: loop.Prompt, text: str, system: str | None, max_length: int):
+    """(prompt ids, response ids + EOS) for one answer, truncated to ``max_length``."""
+    from plugins.sequences import encode_prompt, encode_response, truncate
+
+    return truncate(
+        encode_prompt(tok, chat_of(prompt, system)), encode_response(tok, text), max_length
+    )
+
+
+def require_selected(name: str, selection: loop.Selection, labels: set[str], selector: str):
+    """The selected candidates with one of ``labels``, or a clear error naming the selector."""
+    rows = [s for s in selection.selected if s.label in labels]
+    if not rows:
+        raise loop.UserError(
+            f"{name} updater: the selection has no candidates labelled {sorted(labels)} "
+            f"({len(selection.pairs)} pairs, {len(selection.selected)} other selected); "
+            f"use the selector it needs (name = \"{selector}\")"
+        )
+    return rows
