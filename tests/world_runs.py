@@ -29,13 +29,19 @@ SHORT = [
 LORA = "learning_rate=3e-4, batch_size=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, warmup_ratio=0.0"
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+
+
+def world_command(runs_dir: Path, name: str, selector: str, updater: str, *extra: str, max_steps: int = 2):
+    return [sys.executable, "-m", "loop", "run", "configs/demo.toml", "--progress", "plain",
+            "--set", f"runs_dir={runs_dir}", "--set", f"name={name}", *SHORT,
+            "--set", f"selector={{{selector}}}",
+            "--set", f"updater={{{updater}, {LORA}, max_steps={max_steps}}}", *extra]
+
+
 def run_world(runs_dir: Path, name: str, selector: str, updater: str, *extra: str, max_steps: int = 2):
-    cmd = [sys.executable, "-m", "loop", "run", "configs/demo.toml", "--progress", "plain",
-           "--set", f"runs_dir={runs_dir}", "--set", f"name={name}", *SHORT,
-           "--set", f"selector={{{selector}}}",
-           "--set", f"updater={{{updater}, {LORA}, max_steps={max_steps}}}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    cmd = world_command(runs_dir, name, selector, updater, *extra, max_steps=max_steps)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return runs_dir / name
 
