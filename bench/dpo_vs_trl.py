@@ -8,7 +8,8 @@ tiny Llama and a ~30M-parameter LlamaForCausalLM, both built in-process from a c
 random weights) it trains once with ``plugins.updaters.dpo`` and once with TRL's
 DPOTrainer (``precompute_ref_log_probs=True``), each in its own subprocess, with the same
 pairs, LoRA configuration, batch size, steps, learning rate (constant, no warm-up) and
-sigmoid loss, and prints the wall time of each (reference pass + training, after the
+sigmoid loss, gradient checkpointing off for both unless --gradient-checkpointing (TRL's
+default is on), and prints the wall time of each (reference pass + training, after the
 model is loaded), the peak resident memory of each process (``ru_maxrss``), and the loss
 of step 0, which must agree.
 """
@@ -84,7 +85,8 @@ def run_ours(args, model_dir: str) -> dict:
         sel.append(loop.Pair(prompt=p, chosen=loop.Candidate(prompt=p, text=good), rejected=loop.Candidate(prompt=p, text=bad)))
     opts = DPOUpdater.Options(loss="sigmoid", beta=0.1, learning_rate=args.lr, max_steps=args.steps,
                               batch_size=args.batch_size, warmup_ratio=0.0, scheduler="constant",
-                              lora_r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, max_length=256)
+                              lora_r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, max_length=256,
+                              gradient_checkpointing=args.gradient_checkpointing)
     ctx = Context(config=types.SimpleNamespace(seed=0, source_dir=None), run_dir=Path("."), round=1,
                   phase="update", adapter=None, policy_label="base", store=None,
                   _policy_factory=lambda: policy)
@@ -116,7 +118,7 @@ def run_trl(args, model_dir: str) -> dict:
                            loss_type=["sigmoid"], precompute_ref_log_probs=True, logging_steps=1,
                            save_strategy="no", report_to=[], use_cpu=True, bf16=False, max_length=256,
                            dataloader_num_workers=0, seed=0, disable_tqdm=True, max_grad_norm=1.0,
-                           weight_decay=0.0)
+                           weight_decay=0.0, gradient_checkpointing=args.gradient_checkpointing)
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
                           task_type="CAUSAL_LM")
         start = time.perf_counter()
@@ -146,6 +148,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both (TRL's default)")
     ap.add_argument("--child", choices=["ours", "trl"])
     ap.add_argument("--model-dir")
     args = ap.parse_args()
@@ -159,7 +162,7 @@ def main():
             for who in ("ours", "trl"):
                 cmd = [sys.executable, __file__, "--child", who, "--model-dir", folder, "--steps", str(args.steps),
                        "--pairs", str(args.pairs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                       "--threads", str(args.threads)]
+                       "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
                 env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -168,7 +171,8 @@ def main():
                 res[who] = json.loads(line[0][7:])
             rows.append((kind, params, res))
     print(f"{args.steps} steps, batch {args.batch_size} pairs, {args.pairs} pairs, lr {args.lr}, LoRA r=8 on "
-          f"{len(TARGETS)} projections, sigmoid loss, beta 0.1, CPU, {args.threads} threads")
+          f"{len(TARGETS)} projections, sigmoid loss, beta 0.1, CPU, {args.threads} threads, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for both")
     print("| model | params | ours s | TRL s | speed-up | ours peak RSS MB | TRL peak RSS MB | loss@0 ours | loss@0 TRL | last loss ours | last loss TRL |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, params, r in rows:
