@@ -22,7 +22,7 @@ from pydantic import Field
 
 import loop
 from loop.context import derive_seed
-from plugins.sequences import sequence_logprobs, training_batch
+from plugins.sequences import seeded, sequence_logprobs, training_batch
 
 
 class LoRAOptions(loop.Updater.Options):
@@ -174,8 +174,6 @@ def train(
     steps_plan = plan(count, opts, ctx.seed, lengths)
     total = len(steps_plan)
     steps: list[loop.TrainStep] = []
-    from plugins.sequences import seeded
-
     with seeded(ctx.seed, device):
         model = policy.trainable(updater.lora_config(), init_from=ctx.adapter, seed=ctx.seed)
         if opts.gradient_checkpointing:
