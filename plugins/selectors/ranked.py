@@ -54,7 +54,9 @@ class RankedSelector(loop.Selector):
                 ranked = ranked[: m - 1] + ranked[-1:]  # keep the worst, the best m-1
             groups += 1
             selected += [
-                loop.Selected(candidate=c, score=scores[c.id], rank=r, label="ranked", group=c.prompt.id)
+                loop.Selected(
+                    candidate=c, score=scores[c.id], rank=r, label="ranked", group=c.prompt.id
+                )
                 for r, c in enumerate(ranked)
             ]
         return loop.Selection(
@@ -104,6 +106,7 @@ class LabelSelector(loop.Selector):
 
     def select(self, ctx, candidates, scores, offered) -> loop.Selection:
         opts = self.options
+        high, low = opts.desirable_above, opts.undesirable_below
         selected: list[loop.Selected] = []
         skipped = 0
         for group in group_by_prompt(candidates, scores).values():
@@ -112,12 +115,13 @@ class LabelSelector(loop.Selector):
                 if len(ranked) < 2 or scores[ranked[0].id] == scores[ranked[-1].id]:
                     skipped += 1
                     continue
-                labelled = [(0, ranked[0], "desirable"), (len(ranked) - 1, ranked[-1], "undesirable")]
+                last = len(ranked) - 1
+                labelled = [(0, ranked[0], "desirable"), (last, ranked[-1], "undesirable")]
             else:
                 labelled = [
-                    (r, c, "desirable" if scores[c.id] >= opts.desirable_above else "undesirable")
+                    (r, c, "desirable" if scores[c.id] >= high else "undesirable")
                     for r, c in enumerate(ranked)
-                    if scores[c.id] >= opts.desirable_above or scores[c.id] <= opts.undesirable_below
+                    if scores[c.id] >= high or scores[c.id] <= low
                 ]
                 if not labelled:
                     skipped += 1

@@ -131,7 +131,8 @@ class DPOUpdater(LoRAUpdater):
             kwargs["label_smoothing"] = opts.label_smoothing
 
         def micro(model, mb):
-            pol_c, pol_r, n_c, n_r = pair_logps(model, [examples[i] for i in mb], tok.pad_token_id, device)
+            chunk = [examples[i] for i in mb]
+            pol_c, pol_r, n_c, n_r = pair_logps(model, chunk, tok.pad_token_id, device)
             ref_c, ref_r = ref[mb, 0].to(pol_c.device), ref[mb, 1].to(pol_c.device)
             losses, chosen, rejected = loss_fn(
                 pol_c, pol_r, ref_c, ref_r, chosen_tokens=n_c, rejected_tokens=n_r, **kwargs

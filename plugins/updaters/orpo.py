@@ -48,7 +48,8 @@ class ORPOUpdater(LoRAUpdater):
         examples = encode_pairs(tok, pairs, ctx.system, opts.max_length)
 
         def micro(model, mb):
-            pc, pr, nc, nr = pair_logps(model, [examples[i] for i in mb], tok.pad_token_id, policy.device)
+            chunk = [examples[i] for i in mb]
+            pc, pr, nc, nr = pair_logps(model, chunk, tok.pad_token_id, policy.device)
             losses, chosen, rejected = orpo(pc, pr, nc, nr, lam=opts.lam)
             return losses, {
                 "rewards/chosen": chosen.sum().item(),

@@ -72,7 +72,8 @@ class RankedUpdater(LoRAUpdater):
         policy = ctx.policy()
         tok = policy.tokenizer
         encoded = [
-            [encode(tok, s.candidate.prompt, s.candidate.text, ctx.system, opts.max_length) for s in g]
+            [encode(tok, s.candidate.prompt, s.candidate.text, ctx.system, opts.max_length)
+             for s in g]
             for g in groups
         ]
         scores = [
