@@ -37,7 +37,12 @@ BUILTINS = (
     "plugins.prompts.bpo",
     "plugins.selectors.pairs",
     "plugins.selectors.top_k",
+    "plugins.selectors.ranked",
     "plugins.updaters.dpo",
+    "plugins.updaters.orpo",
+    "plugins.updaters.raft",
+    "plugins.updaters.ranked",
+    "plugins.updaters.kto",
     "plugins.tinyworld",
 )
 

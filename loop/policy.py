@@ -228,6 +228,9 @@ class Policy:
         data = json.loads(cfg_path.read_text())
         data["base_model_name_or_path"] = self.model_path
         data["inference_mode"] = True
+        # PEFT writes target_modules from a set, in hash order: sort for identical files
+        if isinstance(data.get("target_modules"), list):
+            data["target_modules"] = sorted(data["target_modules"])
         cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
         _fsync_dir(out)
 

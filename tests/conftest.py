@@ -136,3 +136,10 @@ def make_ctx(tiny_policy):
         return make_context(kw.pop("policy", tiny_policy), **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def world_runs_dir(tmp_path_factory) -> Path:
+    """One runs folder for every CLI run of the session: the tiny world's model is built
+    once, into its ``.cache``."""
+    return tmp_path_factory.mktemp("world-runs")

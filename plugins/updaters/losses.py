@@ -81,17 +81,24 @@ def ipo(
     ref_rejected: Tensor,
     *,
     beta: float,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
     **_,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """IPO (Azar et al., 2023, "A General Theoretical Paradigm to Understand Learning from
     Human Preferences", sampled IPO, Algorithm 1): ``(Δ - 1/(2τ))²`` with τ = β.
 
-    Δ here is the un-scaled log-ratio margin over summed sequence log-probs, as in the
-    paper (some implementations average per token instead).
+    Given response token counts (the updater passes them) each log-ratio is averaged
+    per token first, the form the paper's experiments used (as TRL's DPOTrainer does);
+    without them Δ is over summed sequence log-probs.
     """
     chosen, rejected = _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-    delta = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    losses = (delta - 1 / (2 * beta)) ** 2
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    if chosen_tokens is not None:
+        chosen_ratio = chosen_ratio / chosen_tokens.clamp(min=1)
+        rejected_ratio = rejected_ratio / rejected_tokens.clamp(min=1)
+    losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
     return losses, chosen.detach(), rejected.detach()
 
 
@@ -122,3 +129,110 @@ LOSSES = {
 
 # Losses that read ``label_smoothing`` (the updater refuses it for the others).
 USES_LABEL_SMOOTHING = {"sigmoid", "robust"}
+
+
+# ---------------------------------------------------------------------------
+# Beyond pairs against a reference: ranked lists (RRHF, PRO), no reference (ORPO),
+# unpaired labels (KTO), plain supervised fine-tuning (RAFT). Inputs are per-sequence
+# summed log-probs ``logps`` and response token counts ``tokens``.
+# ---------------------------------------------------------------------------
+
+
+def sft(logps: Tensor, tokens: Tensor, **_) -> Tensor:
+    """Supervised fine-tuning on kept samples, RAFT (Dong et al., 2023, "RAFT: Reward
+    rAnked FineTuning", Algorithm 1, step 3: fine-tune on the best-of-k set): the
+    negative log-likelihood of each response, averaged over its tokens. Returns [B]."""
+    return -logps / tokens.clamp(min=1)
+
+
+def rrhf(logps: Tensor, tokens: Tensor, scores: Tensor, *, sft_weight: float = 1.0, **_) -> Tensor:
+    """RRHF (Yuan et al., 2023, "RRHF: Rank Responses to Align Language Models with Human
+    Feedback", eqs. 1-4) for one prompt's n responses:
+
+    ``p_i = logps_i / tokens_i`` (eq. 1, length-normalised log-prob);
+    ``L_rank = Σ_{r_i < r_j} max(0, p_i - p_j)`` (eq. 2);
+    ``L_ft = -Σ_t log P(y_{i',t})`` with ``i' = argmax_i r_i`` (eq. 3, summed over tokens);
+    ``L = L_rank + sft_weight · L_ft`` (eq. 4, weight 1). Equal scores give no ranking
+    term. Returns a scalar.
+    """
+    p = logps / tokens.clamp(min=1)
+    worse = scores.unsqueeze(1) < scores.unsqueeze(0)  # worse[i, j]: r_i < r_j
+    rank = (torch.relu(p.unsqueeze(1) - p.unsqueeze(0)) * worse).sum()
+    best = int(torch.argmax(scores))
+    return rank + sft_weight * (-logps[best])
+
+
+def pro(logps: Tensor, tokens: Tensor, scores: Tensor, *, sft_weight: float = 1.0, **_) -> Tensor:
+    """PRO (Song et al., 2024, "Preference Ranking Optimization for Human Alignment",
+    sec. 3.2, the Plackett-Luce listwise loss) for one prompt's n responses, best first
+    by ``scores`` (stable order):
+
+    ``π_i = logps_i / tokens_i`` (length-normalised log-prob);
+    ``L_PRO = -Σ_{k=1}^{n-1} log( exp(π_k) / Σ_{i=k}^{n} exp(π_i) )``;
+    ``L = L_PRO + sft_weight · L_SFT``, ``L_SFT = -π_1`` (mean token NLL of the best).
+    The paper's reward-scaled temperatures are not used (all T = 1). Returns a scalar.
+    """
+    order = torch.argsort(-scores, stable=True)
+    pi = (logps / tokens.clamp(min=1))[order]
+    # log of Σ_{i>=k} exp(π_i) for every k: a reversed cumulative logsumexp
+    tails = torch.logcumsumexp(pi.flip(0), dim=0).flip(0)
+    listwise = -(pi[:-1] - tails[:-1]).sum()
+    return listwise + sft_weight * (-pi[0])
+
+
+def orpo(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    *,
+    lam: float,
+    **_,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO (Hong et al., 2024, "ORPO: Monolithic Preference Optimization without
+    Reference Model", eqs. 4-7), no reference model:
+
+    ``log P(y|x) = logps / tokens`` (length-normalised, eq. 4 with the mean);
+    ``log odds(y) = log P - log(1 - P)`` (eq. 5);
+    ``L_OR = -log σ(log odds(y_w) - log odds(y_l))`` (eq. 7);
+    ``L = L_SFT + λ L_OR`` with ``L_SFT = -log P(y_w|x)`` (eq. 6, the chosen NLL).
+    Returns the [B] losses and the rewards ``λ log P`` of chosen and rejected (detached).
+    """
+    pc = chosen_logps / chosen_tokens.clamp(min=1)
+    pr = rejected_logps / rejected_tokens.clamp(min=1)
+    # log(1 - exp(p)) for p < 0, stable: log(-expm1(p))
+    log_odds = (pc - torch.log(-torch.expm1(pc))) - (pr - torch.log(-torch.expm1(pr)))
+    losses = -pc - lam * F.logsigmoid(log_odds)
+    return losses, (lam * pc).detach(), (lam * pr).detach()
+
+
+def kto(
+    logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    **_,
+) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al., 2024, "KTO: Model Alignment as Prospect Theoretic
+    Optimization", eq. 8), unpaired examples with a reference point:
+
+    ``r = log π(y|x) - log π_ref(y|x)``, ``z0 = kl`` (the KL reference point, detached);
+    desirable:   ``λ_D (1 - σ(β (r - z0)))``;
+    undesirable: ``λ_U (1 - σ(β (z0 - r)))``.
+    Returns the [B] losses and the implicit rewards ``β r`` (detached).
+    """
+    ratio = logps - ref_logps
+    z0 = kl.detach()
+    good = desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio)))
+    return torch.where(desirable, good, bad), (beta * ratio).detach()
+
+
+# Every loss by name: the pair losses above (DPO family, keyed by ``loss``) and one per
+# updater for the other data shapes.
+LIST_LOSSES = {"rrhf": rrhf, "pro": pro}
+ALL_LOSSES = {**LOSSES, **LIST_LOSSES, "sft": sft, "orpo": orpo, "kto": kto}

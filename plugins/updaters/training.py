@@ -1,0 +1,328 @@
+"""What every PEFT LoRA updater shares: the options, the step plan, the training loop,
+the forward pass that gives per-sequence log-probs, and the stored reference log-probs.
+
+An updater supplies its data as a list of training units (a pair, a ranked group, one
+labelled example) and a function ``micro(model, indices) -> (losses, sums)`` giving the
+loss of each unit in a micro-batch (a [n] tensor with gradients) and metric sums;
+``train`` does the rest (seeded order, length grouping, accumulation, clipping, AdamW,
+schedule, progress, per-step records).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+from pydantic import Field
+
+import loop
+from loop.context import derive_seed
+from plugins.sequences import seeded, sequence_logprobs, training_batch
+
+
+class LoRAOptions(loop.Updater.Options):
+    """Options shared by every LoRA updater (each updater's Options extends this)."""
+
+    # LoRA tolerates far larger steps than full fine-tuning (which uses ~5e-7).
+    learning_rate: float = Field(5e-5, ge=0.0)
+    # Passes over the round's data (the Self-Rewarding recipe trains one per round).
+    epochs: int = Field(1, ge=1)
+    # If set, stop after this many optimizer steps (overrides epochs, cycling the data).
+    max_steps: int | None = Field(None, ge=1)
+    # Training units (pairs, groups, examples) per forward pass.
+    batch_size: int = Field(4, ge=1)
+    # Micro-batches per optimizer step: a larger effective batch at the same memory.
+    grad_accum: int = Field(1, ge=1)
+    # Sort units by length inside chunks of 8 micro-batches, so a batch wastes little padding.
+    group_by_length: bool = True
+    # Share of steps spent warming the learning rate up from near zero.
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    # Decay after warm-up ("constant" keeps the peak rate).
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    # Gradient-norm clip: keeps one bad batch from wrecking the adapter.
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    # AdamW decoupled weight decay on the LoRA weights.
+    weight_decay: float = Field(0.0, ge=0.0)
+    # Longest prompt+response in tokens; longer ones are truncated (see truncate()).
+    max_length: int = Field(1024, ge=8)
+    # Recompute activations in the backward pass: less memory, ~30% more time.
+    gradient_checkpointing: bool = False
+    # bf16 autocast for forward passes on CUDA (ignored on CPU, where it is slower).
+    bf16_autocast: bool = False
+    # LoRA rank: capacity of the update (generators size their LoRA slots by it).
+    lora_r: int = Field(16, ge=1)
+    # LoRA scale numerator (the update is scaled by alpha / r).
+    lora_alpha: float = Field(32, gt=0.0)
+    # Dropout on the LoRA input during training only.
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Modules to adapt: "all-linear" (every linear layer but the output head) or names.
+    target_modules: str | list[str] = "all-linear"
+
+
+class LoRAUpdater(loop.Updater):
+    """Base of the LoRA updaters: options, LoRA config and the shared train loop."""
+
+    Options = LoRAOptions
+
+    def lora_rank(self) -> int | None:
+        return self.options.lora_r
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        opts = self.options
+        return LoraConfig(
+            r=opts.lora_r,
+            lora_alpha=opts.lora_alpha,
+            lora_dropout=opts.lora_dropout,
+            target_modules=opts.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def autocast(self, device: str):
+        if self.options.bf16_autocast and str(device).startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def plan(
+    count: int, opts, seed: int, lengths: Sequence[int] | None = None
+) -> list[tuple[int, list[list[int]]]]:
+    """The optimizer steps: (epoch, micro-batches of unit indices), in a seeded order.
+
+    Each epoch is a fresh permutation; a step never spans two epochs. With ``lengths``
+    (and ``group_by_length``) each chunk of 8 micro-batches of the permutation is sorted
+    by length, longest first, before it is cut, so sequences of a batch have similar
+    lengths (little padding) while the data order stays random at the chunk level.
+    With ``max_steps`` epochs repeat until there are that many steps.
+    """
+    out: list[tuple[int, list[list[int]]]] = []
+    epoch = 0
+    size = opts.batch_size
+    while True:
+        order = list(range(count))
+        random.Random(derive_seed(seed, "dpo-epoch", epoch)).shuffle(order)
+        if lengths is not None and getattr(opts, "group_by_length", False):
+            chunk = 8 * size
+            order = [
+                i
+                for s in range(0, count, chunk)
+                for i in sorted(order[s : s + chunk], key=lambda i: -lengths[i])
+            ]
+        micro = [order[i : i + size] for i in range(0, count, size)]
+        for i in range(0, len(micro), opts.grad_accum):
+            out.append((epoch, micro[i : i + opts.grad_accum]))
+        epoch += 1
+        if opts.max_steps is not None:
+            if len(out) >= opts.max_steps:
+                return out[: opts.max_steps]
+        elif epoch >= opts.epochs:
+            return out
+
+
+def lr_lambda(opts, total: int):
+    """Multiplier of the peak rate at step s (0-based): linear warm-up, then decay.
+
+    Warm-up reaches the peak on its last step ((s + 1) / warmup) so the first step
+    already moves; decay ends just above zero on the final step.
+    """
+    warmup = math.ceil(opts.warmup_ratio * total)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if opts.scheduler == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        if opts.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+MicroFn = Callable[[object, list[int]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train(
+    updater: LoRAUpdater,
+    ctx,
+    count: int,
+    micro: MicroFn,
+    *,
+    lengths: Sequence[int] | None = None,
+) -> list[loop.TrainStep]:
+    """Train the policy's LoRA slot: the shared loop of every updater.
+
+    1. Continue the previous adapter (``ctx.adapter``), or start a fresh LoRA from
+       ``ctx.seed``; only LoRA weights train.
+    2. Plan the steps (``plan``): seeded per-epoch order, length-grouped micro-batches.
+    3. Per step: for each micro-batch, ``micro`` gives per-unit losses; their sum over
+       the step's size is back-propagated (so the gradient is the mean over its units).
+    4. Clip the gradient norm, AdamW step, schedule step; record a ``TrainStep`` whose
+       metrics are ``micro``'s sums divided by the step's size.
+    """
+    opts = updater.options
+    policy = ctx.policy()
+    device = policy.device
+    steps_plan = plan(count, opts, ctx.seed, lengths)
+    total = len(steps_plan)
+    steps: list[loop.TrainStep] = []
+    with seeded(ctx.seed, device):
+        model = policy.trainable(updater.lora_config(), init_from=ctx.adapter, seed=ctx.seed)
+        if opts.gradient_checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            model.enable_input_require_grads()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts, total))
+        model.train()
+        try:
+            for number, (epoch, micro_batches) in enumerate(steps_plan, start=1):
+                size = sum(len(mb) for mb in micro_batches)
+                optimizer.zero_grad(set_to_none=True)
+                total_loss = 0.0
+                sums: dict[str, float] = {}
+                for mb in micro_batches:
+                    with updater.autocast(device):
+                        losses, mb_sums = micro(model, mb)
+                    (losses.float().sum() / size).backward()
+                    total_loss += losses.detach().float().sum().item()
+                    for k, v in mb_sums.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                optimizer.step()
+                record = loop.TrainStep(
+                    step=number,
+                    loss=total_loss / size,
+                    learning_rate=schedule.get_last_lr()[0],
+                    grad_norm=float(grad_norm),
+                    metrics={k: v / size for k, v in sums.items()},
+                )
+                record.metrics["train/epoch"] = float(epoch)
+                schedule.step()
+                steps.append(record)
+                ctx.progress(number, total, loss=record.loss)
+        finally:
+            if opts.gradient_checkpointing:
+                model.base_model.model.gradient_checkpointing_disable()
+            model.eval()
+    return steps
+
+
+def summary(steps: list[loop.TrainStep], units: int, unit_name: str) -> dict[str, float]:
+    """Round metrics: mean and last loss, steps, units; other step metrics averaged over
+    the last epoch."""
+    last_epoch = steps[-1].metrics["train/epoch"]
+    last = [s for s in steps if s.metrics["train/epoch"] == last_epoch]
+    metrics = {
+        "train/loss": sum(s.loss for s in steps) / len(steps),
+        "train/final_loss": steps[-1].loss,
+        "train/steps": float(len(steps)),
+        f"train/{unit_name}": float(units),
+    }
+    for key in steps[-1].metrics:
+        if key != "train/epoch":
+            metrics[key] = sum(s.metrics.get(key, 0.0) for s in last) / len(last)
+    return metrics
+
+
+def forward_logps(model, prompts, responses, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs [N] and response token counts [N], in one forward pass."""
+    batch = training_batch(prompts, responses, pad_id, device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = sequence_logprobs(logits, batch["labels"]).float()
+    counts = torch.tensor([len(r) for r in responses], dtype=torch.float32, device=logps.device)
+    return logps, counts
+
+
+def reference_logps(
+    updater: LoRAUpdater,
+    ctx,
+    keys: Sequence[int | None],
+    sequences: Sequence[Sequence[tuple[list[int], list[int]]]],
+    tag: str,
+) -> tuple[torch.Tensor, bool]:
+    """Reference log-probs [N, k] of each unit's k sequences under ``ctx.adapter``.
+
+    Computed once per round without gradients and stored in
+    ``<run_dir>/cache/ref-round-<r>-<tag>.safetensors`` keyed by the units' ids (written
+    to a temporary file, then renamed), so a resumed update phase reads them back instead
+    of recomputing. Units without ids (component tests) are never cached. Returns the
+    tensor and whether it came from the cache.
+    """
+    from safetensors.torch import load_file, save_file
+
+    opts = updater.options
+    ids = torch.tensor([-1 if k is None else int(k) for k in keys], dtype=torch.int64)
+    cacheable = all(k is not None for k in keys) and ctx.store is not None
+    path = Path(ctx.run_dir) / "cache" / f"ref-round-{ctx.round}-{tag}.safetensors"
+    meta = {"adapter": str(ctx.adapter), "max_length": str(opts.max_length)}
+    if cacheable and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            stored_meta = f.metadata() or {}
+        stored = load_file(str(path))
+        if stored_meta == meta and torch.equal(stored["ids"], ids):
+            return stored["logps"], True
+    policy = ctx.policy()
+    tok = policy.tokenizer
+    width = len(sequences[0]) if sequences else 0
+    out = torch.empty(len(sequences), width)
+    with policy.using(ctx.adapter) as ref_model, torch.no_grad():
+        ref_model.eval()
+        for start in range(0, len(sequences), opts.batch_size):
+            chunk = sequences[start : start + opts.batch_size]
+            flat = [seq for unit in chunk for seq in unit]
+            with updater.autocast(policy.device):
+                logps, _ = forward_logps(
+                    ref_model, [p for p, _ in flat], [r for _, r in flat], tok.pad_token_id,
+                    policy.device,
+                )
+            out[start : start + len(chunk)] = logps.cpu().view(len(chunk), width)
+    if cacheable:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"ids": ids, "logps": out.contiguous()}, str(tmp), metadata=meta)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return out, False
+
+
+def chat_of(prompt: loop.Prompt, system: str | None) -> loop.Chat:
+    """The prompt as the generator saw it (the round's system instruction if it has none)."""
+    chat = prompt.chat()
+    if system and not prompt.system:
+        chat.insert(0, {"role": "system", "content": system})
+    return chat
+
+
+def encode(tok, prompt: loop.Prompt, text: str, system: str | None, max_length: int):
+    """(prompt ids, response ids + EOS) for one answer, truncated to ``max_length``."""
+    from plugins.sequences import encode_prompt, encode_response, truncate
+
+    return truncate(
+        encode_prompt(tok, chat_of(prompt, system)), encode_response(tok, text), max_length
+    )
+
+
+def require_selected(name: str, selection: loop.Selection, labels: set[str], selector: str):
+    """The selected candidates with one of ``labels``, or a clear error naming the selector."""
+    rows = [s for s in selection.selected if s.label in labels]
+    if not rows:
+        raise loop.UserError(
+            f"{name} updater: the selection has no candidates labelled {sorted(labels)} "
+            f"({len(selection.pairs)} pairs, {len(selection.selected)} other selected); "
+            f"use the selector it needs (name = \"{selector}\")"
+        )
+    return rows
