@@ -41,7 +41,7 @@ def world_command(runs_dir: Path, name: str, selector: str, updater: str, *extra
 
 def run_world(runs_dir: Path, name: str, selector: str, updater: str, *extra: str, max_steps: int = 2):
     cmd = world_command(runs_dir, name, selector, updater, *extra, max_steps=max_steps)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return runs_dir / name
 
