@@ -9,7 +9,8 @@ import torch
 
 import loop
 from plugins.generators.hf import HFGenerator
-from plugins.updaters.dpo import DPOUpdater, _lr_lambda, _plan
+from plugins.updaters.dpo import DPOUpdater
+from plugins.updaters.training import lr_lambda as _lr_lambda, plan as _plan
 from plugins.updaters.losses import LOSSES, dpo_robust, dpo_sigmoid, hinge, ipo
 
 from conftest import make_context

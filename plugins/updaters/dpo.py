@@ -15,7 +15,6 @@ policy as the reference (Yuan et al., 2024, sec. 2.3; Xu et al., 2023, iterative
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, field_validator, model_validator
 
 import loop
@@ -30,8 +29,6 @@ from plugins.updaters.training import (
     summary,
     train,
 )
-from plugins.updaters.training import lr_lambda as _lr_lambda  # noqa: F401 (tests)
-from plugins.updaters.training import plan as _plan  # noqa: F401 (tests)
 
 
 def encode_pairs(tok, pairs, system, max_length):
