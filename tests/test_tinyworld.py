@@ -6,7 +6,6 @@ Offline and on CPU: the model tests use ``TEST_RECIPE`` (a few seconds per build
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,9 +138,9 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
 def test_build_loads_with_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started = time.time()
+    # The reduced recipe builds in about a second; the full recipe's build time is measured
+    # by bench/demo.py (cold cache), not asserted here.
     path = tw_model.build(tmp_path, tw_model.TEST_RECIPE)
-    assert time.time() - started < 60
     assert Path(path).name == f"tinyworld-{tw_model.TEST_RECIPE.key()}"
     assert [p.name for p in tmp_path.iterdir()] == [Path(path).name]  # no temp leftovers
     tok = AutoTokenizer.from_pretrained(path)
