@@ -21,6 +21,8 @@ import loop
 from plugins.sequences import encode_prompt, encode_response, truncate
 from plugins.updaters.losses import LOSSES, USES_LABEL_SMOOTHING
 from plugins.updaters.training import (
+    pair_lengths,
+    reward_sums,
     LoRAOptions,
     LoRAUpdater,
     chat_of,
@@ -134,15 +136,9 @@ class DPOUpdater(LoRAUpdater):
             losses, chosen, rejected = loss_fn(
                 pol_c, pol_r, ref_c, ref_r, chosen_tokens=n_c, rejected_tokens=n_r, **kwargs
             )
-            return losses, {
-                "rewards/chosen": chosen.sum().item(),
-                "rewards/rejected": rejected.sum().item(),
-                "rewards/margin": (chosen - rejected).sum().item(),
-                "rewards/accuracy": (chosen > rejected).float().sum().item(),
-            }
+            return losses, reward_sums(chosen, rejected)
 
-        lengths = [len(c[0]) + len(c[1]) + len(r[0]) + len(r[1]) for c, r in examples]
-        steps = train(self, ctx, len(examples), micro, lengths=lengths)
+        steps = train(self, ctx, len(examples), micro, lengths=pair_lengths(examples))
         policy.save_adapter(output_dir)
         metrics = summary(steps, len(pairs), "pairs")
         metrics["train/ref_cache_hit"] = float(hit)

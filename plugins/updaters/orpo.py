@@ -17,7 +17,14 @@ from pydantic import Field
 import loop
 from plugins.updaters.dpo import encode_pairs, pair_logps, require_pairs
 from plugins.updaters.losses import orpo
-from plugins.updaters.training import LoRAOptions, LoRAUpdater, summary, train
+from plugins.updaters.training import (
+    LoRAOptions,
+    LoRAUpdater,
+    pair_lengths,
+    reward_sums,
+    summary,
+    train,
+)
 
 
 class ORPOUpdater(LoRAUpdater):
@@ -51,15 +58,9 @@ class ORPOUpdater(LoRAUpdater):
             chunk = [examples[i] for i in mb]
             pc, pr, nc, nr = pair_logps(model, chunk, tok.pad_token_id, policy.device)
             losses, chosen, rejected = orpo(pc, pr, nc, nr, lam=opts.lam)
-            return losses, {
-                "rewards/chosen": chosen.sum().item(),
-                "rewards/rejected": rejected.sum().item(),
-                "rewards/margin": (chosen - rejected).sum().item(),
-                "rewards/accuracy": (chosen > rejected).float().sum().item(),
-            }
+            return losses, reward_sums(chosen, rejected)
 
-        lengths = [len(c[0]) + len(c[1]) + len(r[0]) + len(r[1]) for c, r in examples]
-        steps = train(self, ctx, len(examples), micro, lengths=lengths)
+        steps = train(self, ctx, len(examples), micro, lengths=pair_lengths(examples))
         policy.save_adapter(output_dir)
         return loop.UpdateResult(steps=steps, metrics=summary(steps, len(pairs), "pairs"))
 

@@ -299,6 +299,21 @@ def reference_logps(
     return out, False
 
 
+def reward_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """A micro-batch's sums of the pair reward metrics (``train`` turns them into means)."""
+    return {
+        "rewards/chosen": chosen.sum().item(),
+        "rewards/rejected": rejected.sum().item(),
+        "rewards/margin": (chosen - rejected).sum().item(),
+        "rewards/accuracy": (chosen > rejected).float().sum().item(),
+    }
+
+
+def pair_lengths(examples) -> list[int]:
+    """Tokens per encoded pair (prompt + response, chosen and rejected): for length grouping."""
+    return [len(c[0]) + len(c[1]) + len(r[0]) + len(r[1]) for c, r in examples]
+
+
 def chat_of(prompt: loop.Prompt, system: str | None) -> loop.Chat:
     """The prompt as the generator saw it (the round's system instruction if it has none)."""
     chat = prompt.chat()
