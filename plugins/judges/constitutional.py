@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 import loop
-from loop.templates import PROMPTS_DIR
+from loop.templates import PROMPTS_DIR, quote
 
 # ---------------------------------------------------------------------------
 # The constitution file
@@ -190,12 +190,12 @@ class ConstitutionalJudge(loop.Judge):
                 break
             chosen = {i: rng.choice(principles) for i in live}
             critiques = self._ask(ctx, [
-                critique_t.render(prompt=originals[i].prompt.text, response=text[i],
+                critique_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
                                   request=chosen[i].critique) for i in live
             ], opts.critique_max_new_tokens, ("critique", step))
             revisions = self._ask(ctx, [
-                revision_t.render(prompt=originals[i].prompt.text, response=text[i],
-                                  critique=crit.text.strip(), request=chosen[i].revision)
+                revision_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
+                                  critique=quote(crit.text.strip()), request=chosen[i].revision)
                 for i, crit in zip(live, critiques)
             ], opts.revision_max_new_tokens, ("revision", step))
             still = []
@@ -341,8 +341,8 @@ class ConstitutionalPreferenceJudge(loop.Judge):
         chats, responses = [], []
         for x, y, principle in jobs:
             for first, second in ((x, y), (y, x)):
-                text = template.render(prompt=x.prompt.text, first=first.text,
-                                       second=second.text, question=principle.compare)
+                text = template.render(prompt=quote(x.prompt.text), first=quote(first.text),
+                                       second=quote(second.text), question=principle.compare)
                 chat = [{"role": "user", "content": text}]
                 chats += [chat, chat]
                 responses += ["A", "B"]

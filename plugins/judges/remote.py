@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pydantic import Field, model_validator
 
 import loop
+from loop.templates import quote
 from plugins.judges.self_reward import parse_score
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -148,7 +149,8 @@ class RemoteJudge(loop.Judge):
         o = self.options
         template = ctx.template(o.template, {"prompt", "response"})
         jobs = [(c, i) for c in candidates for i in range(o.samples)]
-        contents = {id(c): template.render(prompt=c.prompt.text, response=c.text) for c in candidates}
+        contents = {id(c): template.render(prompt=quote(c.prompt.text), response=quote(c.text))
+                    for c in candidates}
         done = 0
 
         def run(job):
