@@ -144,8 +144,9 @@ class ConstitutionalJudge(loop.Judge):
        offer the pair (revision preferred over original) to the selector.
 
     A revision that is empty, cut off by ``max_new_tokens`` or equal to the text it
-    revises ends the chain; a chain that never produced a usable revision adds nothing
-    (counted in ``cai/failed`` and ``cai/unchanged``). This judge writes no scores.
+    revises ends the chain (its ``outcome`` is stored with the pass); a chain whose first
+    pass is not usable adds nothing (counted in ``cai/failed``: empty or cut off, or in
+    ``cai/unchanged``). This judge writes no scores.
     """
 
     name = "constitutional"
@@ -184,7 +185,6 @@ class ConstitutionalJudge(loop.Judge):
         chains: list[list[dict]] = [[] for _ in originals]
         text = [c.text for c in originals]
         live = list(range(len(originals)))
-        failed = 0
         for step in range(opts.passes):
             if not live:
                 break
@@ -201,12 +201,13 @@ class ConstitutionalJudge(loop.Judge):
             still = []
             for i, crit, rev in zip(live, critiques, revisions):
                 new = rev.text.strip()
-                usable = bool(new) and rev.finish_reason != "length" and new != text[i].strip()
+                outcome = ("empty" if not new else "truncated" if rev.finish_reason == "length"
+                           else "unchanged" if new == text[i].strip() else "revised")
                 chains[i].append({"principle": chosen[i].name, "critique": crit.text,
                                   "revision": rev.text, "finish_reason": rev.finish_reason,
-                                  "num_tokens": rev.num_tokens, "used": usable})
-                if not usable:
-                    failed += not chains[i][:-1]  # a chain ending before any revision
+                                  "num_tokens": rev.num_tokens, "outcome": outcome,
+                                  "used": outcome == "revised"})
+                if outcome != "revised":
                     continue
                 text[i] = new
                 still.append(i)
@@ -214,9 +215,12 @@ class ConstitutionalJudge(loop.Judge):
             ctx.progress(step + 1, opts.passes)
         new_cands: list[loop.Candidate] = []
         pairs: list[loop.Pair] = []
+        failed = unchanged = 0
         for original, chain, final in zip(originals, chains, text):
             used = [p for p in chain if p["used"]]
-            if not used:
+            if not used:  # the first pass gave nothing usable
+                unchanged += chain[0]["outcome"] == "unchanged"
+                failed += chain[0]["outcome"] != "unchanged"
                 continue
             revision = loop.Candidate(
                 prompt=original.prompt, text=final, policy=ctx.policy_label,
@@ -231,7 +235,7 @@ class ConstitutionalJudge(loop.Judge):
             "cai/revised": float(len(originals)),
             "cai/revisions": float(len(new_cands)),
             "cai/failed": float(failed),
-            "cai/unchanged": float(len(originals) - len(new_cands) - failed),
+            "cai/unchanged": float(unchanged),
         }
         if new_cands:
             metrics["cai/length_ratio"] = _mean(
