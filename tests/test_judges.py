@@ -167,7 +167,7 @@ def test_sl_cai_revisions_are_linked_candidates_and_offered_pairs():
     assert [(p.chosen, p.rejected, p.source) for p in res.pairs] == [
         (res.candidates[0], cands[0], "cai"), (res.candidates[1], cands[1], "cai")]
     assert res.metrics == {"cai/revised": 4.0, "cai/revisions": 2.0, "cai/failed": 1.0,
-                           "cai/unchanged": 1.0, "cai/length_ratio": pytest.approx(
+                           "cai/truncated": 1.0, "cai/unchanged": 1.0, "cai/length_ratio": pytest.approx(
                                (9 / 5 + 8 / 4) / 2)}
     # the other judge's revision was not revised again
     assert not any("other judge's" in a for a in gen.asked)

@@ -253,7 +253,8 @@ def test_a_run_sends_the_key_and_never_stores_it(tmp_path, monkeypatch):
 
 
 def build_vllm_tiny(folder: Path) -> Path:
-    """A tiny Llama with head_dim 32 (vLLM's CPU attention refuses 16), safetensors."""
+    """A tiny Llama with head_dim 32 (vLLM's CPU attention refuses 16), safetensors, and
+    room for the whole rubric (the character-level tokenizer makes it ~2,000 tokens)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -262,7 +263,7 @@ def build_vllm_tiny(folder: Path) -> Path:
     tok = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                         max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=None,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -288,7 +289,7 @@ def vllm_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
          "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+         "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
          "--api-key", KEY, "--disable-log-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -145,8 +145,8 @@ class ConstitutionalJudge(loop.Judge):
 
     A revision that is empty, cut off by ``max_new_tokens`` or equal to the text it
     revises ends the chain (its ``outcome`` is stored with the pass); a chain whose first
-    pass is not usable adds nothing (counted in ``cai/failed``: empty or cut off, or in
-    ``cai/unchanged``). This judge writes no scores.
+    pass is not usable adds nothing (counted in ``cai/failed``: empty or cut off, of which
+    ``cai/truncated`` were cut off, or in ``cai/unchanged``). This judge writes no scores.
     """
 
     name = "constitutional"
@@ -215,12 +215,11 @@ class ConstitutionalJudge(loop.Judge):
             ctx.progress(step + 1, opts.passes)
         new_cands: list[loop.Candidate] = []
         pairs: list[loop.Pair] = []
-        failed = unchanged = 0
+        outcomes = {"empty": 0, "truncated": 0, "unchanged": 0}
         for original, chain, final in zip(originals, chains, text):
             used = [p for p in chain if p["used"]]
             if not used:  # the first pass gave nothing usable
-                unchanged += chain[0]["outcome"] == "unchanged"
-                failed += chain[0]["outcome"] != "unchanged"
+                outcomes[chain[0]["outcome"]] += 1
                 continue
             revision = loop.Candidate(
                 prompt=original.prompt, text=final, policy=ctx.policy_label,
@@ -234,8 +233,9 @@ class ConstitutionalJudge(loop.Judge):
         metrics = {
             "cai/revised": float(len(originals)),
             "cai/revisions": float(len(new_cands)),
-            "cai/failed": float(failed),
-            "cai/unchanged": float(unchanged),
+            "cai/failed": float(outcomes["empty"] + outcomes["truncated"]),
+            "cai/truncated": float(outcomes["truncated"]),
+            "cai/unchanged": float(outcomes["unchanged"]),
         }
         if new_cands:
             metrics["cai/length_ratio"] = _mean(
