@@ -380,3 +380,15 @@ def test_dashboard_warns_on_length_bias():
     stream = io.StringIO()
     PlainMonitor(stream).round_end(run=Run(), round=1, metrics={"judge/x/length_corr": 0.4})
     assert "warning: round 1 length bias: judge/x/length_corr = 0.40 > 0.3" in stream.getvalue()
+
+
+def test_cai_recipe_config_validates(tmp_path):
+    from loop.runs import prepare
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Explain photosynthesis to a child."}\n')
+    config, comps = prepare(str(ROOT / "configs" / "cai_recipe.toml"),
+                            [f"prompts.0.path={prompts}"])
+    assert [j.label for j in comps.judges] == ["constitutional", "cai_pref", "self_reward"]
+    assert comps.weights == {"constitutional": 1.0, "cai_pref": 1.0, "self_reward": 0.2}
+    assert config.judge_quality.length_bias_threshold == 0.3
