@@ -191,7 +191,7 @@ def test_sl_cai_on_the_tiny_model(tiny_policy):
     prompt = loop.Prompt(text="Say hi.", id=1)
     cands = [loop.Candidate(prompt=prompt, text="hi", id=1), loop.Candidate(prompt=prompt, text="yo", id=2)]
     judge = ConstitutionalJudge(ConstitutionalJudge.Options(
-        temperature=1.0, critique_max_new_tokens=8, revision_max_new_tokens=200))
+        temperature=1.0, critique_max_new_tokens=8, revision_max_new_tokens=48))
     res = judge.judge(ctx, cands)
     m = res.metrics
     assert m["cai/revised"] == 2 and m["cai/revisions"] + m["cai/failed"] + m["cai/unchanged"] == 2
@@ -392,3 +392,35 @@ def test_cai_recipe_config_validates(tmp_path):
     assert [j.label for j in comps.judges] == ["constitutional", "cai_pref", "self_reward"]
     assert comps.weights == {"constitutional": 1.0, "cai_pref": 1.0, "self_reward": 0.2}
     assert config.judge_quality.length_bias_threshold == 0.3
+
+
+def test_reward_model_beside_another_judge_in_a_run(tmp_path, reward_model_dir):
+    """Two judges in one run: each one's scores stored under its label, combined by weight."""
+    from tests.core_helpers import ro_connect, run_inprocess, write_config
+
+    extra = (f'[[judges]]\nname = "reward_model"\nlabel = "rm"\npath = "{reward_model_dir}"\n'
+             'weight = 3.0\n')
+    config = write_config(tmp_path / "c.toml", tmp_path / "runs", rounds=1, per_round=3, n=2,
+                          extra=extra)
+    run_dir = run_inprocess(config)
+    conn = ro_connect(run_dir / "run.db")
+    try:
+        rows = conn.execute("select candidate_id, judge, score from judgments where round = 1 "
+                            "and score is not null").fetchall()
+        pairs = conn.execute("select * from pairs where round = 1 and selected = 1").fetchall()
+        metrics = dict(conn.execute("select name, value from metrics where round = 1").fetchall())
+    finally:
+        conn.close()
+    assert {r["judge"] for r in rows} == {"fake", "rm"}
+    assert len([r for r in rows if r["judge"] == "rm"]) == 3 * 2  # one per candidate
+    weights = {"fake": 1.0, "rm": 3.0}
+    assert pairs
+    for pair in pairs:
+        per = {}
+        for r in rows:
+            if r["candidate_id"] == pair["chosen_id"]:
+                per.setdefault(r["judge"], []).append(r["score"])
+        expected = sum(weights[j] * sum(s) / len(s) for j, s in per.items()) / sum(
+            weights[j] for j in per)
+        assert pair["chosen_score"] == pytest.approx(expected)
+    assert metrics["judge/rm/parse_failure_rate"] == 0 and "judge/fake/judgments" in metrics

@@ -110,6 +110,9 @@ class _ConstitutionOptions(loop.Judge.Options):
     def _check(self, info: ValidationInfo):
         base = (info.context or {}).get("source_dir")
         self.load(base)  # a bad file or principle name fails when the config is loaded
+        if self.constitution.endswith(".toml") or "/" in self.constitution:
+            # stored absolute, so a resumed run (config read from the run folder) finds it
+            self.constitution = str(resolve_constitution(self.constitution, base).resolve())
         return self
 
     def load(self, base: Path | None) -> list[Principle]:

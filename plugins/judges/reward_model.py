@@ -67,7 +67,8 @@ class RewardModelJudge(loop.Judge):
 
         @model_validator(mode="after")
         def _folder(self, info: ValidationInfo):
-            check_model_folder(self.path, (info.context or {}).get("source_dir"))
+            # stored absolute, so a resumed run (config read from the run folder) finds it
+            self.path = str(check_model_folder(self.path, (info.context or {}).get("source_dir")))
             return self
 
     def setup(self, ctx) -> None:
