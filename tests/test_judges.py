@@ -401,7 +401,7 @@ def test_reward_model_beside_another_judge_in_a_run(tmp_path, reward_model_dir):
     extra = (f'[[judges]]\nname = "reward_model"\nlabel = "rm"\npath = "{reward_model_dir}"\n'
              'weight = 3.0\n')
     config = write_config(tmp_path / "c.toml", tmp_path / "runs", rounds=1, per_round=3, n=2,
-                          extra=extra)
+                          extra=extra, top={"judge_quality": {"length_bias_threshold": -1.0}})
     run_dir = run_inprocess(config)
     conn = ro_connect(run_dir / "run.db")
     try:
@@ -424,3 +424,15 @@ def test_reward_model_beside_another_judge_in_a_run(tmp_path, reward_model_dir):
             weights[j] for j in per)
         assert pair["chosen_score"] == pytest.approx(expected)
     assert metrics["judge/rm/parse_failure_rate"] == 0 and "judge/fake/judgments" in metrics
+    # `selfloop watch` reads the thresholds from the stored config: -1 makes any
+    # score-length correlation a warning
+    from loop.monitor import open_reader, snapshot_from_store
+
+    store = open_reader(run_dir)
+    try:
+        snap = snapshot_from_store(store)
+    finally:
+        store.close()
+    assert snap.length_bias_threshold == -1.0
+    corr = [k for k in metrics if k.endswith("/length_corr")]
+    assert corr and all(any(k in w for w in snap.warnings()) for k in corr)
