@@ -80,6 +80,13 @@ class GenerateConfig(Strict):
     max_new_tokens: int = Field(256, ge=1)
 
 
+class JudgeQualityConfig(Strict):
+    # The dashboard warns when a judge's score-length correlation passes this.
+    length_bias_threshold: float = Field(0.5, ge=-1, le=1)
+    # ... or when selected chosen answers are this many times longer than rejected ones.
+    length_ratio_threshold: float = Field(1.5, gt=0)
+
+
 class RunConfig(Strict):
     name: str = Field(pattern=NAME_RE)  # the run folder: <runs_dir>/<name>
     rounds: int = Field(ge=1, le=10_000)  # self-improvement rounds after round 0
@@ -95,6 +102,7 @@ class RunConfig(Strict):
     selector: ComponentSpec = ComponentSpec(name="pairs")
     updater: ComponentSpec
     evaluators: list[ComponentSpec] = []
+    judge_quality: JudgeQualityConfig = JudgeQualityConfig()  # length-bias warnings
 
     # Where the config came from (not part of the file).
     source_file: str | None = Field(None, exclude=True)

@@ -148,8 +148,10 @@ def phase_start(run, round, phase):
     2. optimise - prompt optimisers may rewrite prompts or set a system instruction
                   (originals are kept; rewrites point to them).
     3. generate - the generator samples N candidates per prompt from the policy.
-    4. judge    - every judge scores every candidate (raw text kept; unparseable output
-                  is a recorded failure); judges may add revisions and offer pairs.
+    4. judge    - judges run in config order; each scores every candidate so far (raw
+                  text kept; unparseable output is a recorded failure) and may add
+                  revisions (seen by the judges after it) and offer pairs; the runner
+                  stores each judge's scores and quality figures under its label.
     5. select   - the selector turns scores into pairs or selected sets.
     6. update   - the updater trains the next adapter from the previous one (the
                   generator releases the accelerator first and reclaims it after).

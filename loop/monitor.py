@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loop.hookspecs import hookimpl
+from loop.judge_quality import length_bias_warnings
 from loop.store import Store
 
 PHASE_ORDER = ("propose", "optimise", "generate", "judge", "select", "update", "evaluate")
@@ -56,6 +58,17 @@ class Snapshot:
     phase_metrics: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # {round: {name: value}}
     events: deque = field(default_factory=lambda: deque(maxlen=6))
+    # Length-bias warning thresholds ([judge_quality] in the run config).
+    length_bias_threshold: float = 0.5
+    length_ratio_threshold: float = 1.5
+
+    def warnings(self) -> list[str]:
+        """Length-bias warnings for the latest round with metrics."""
+        if not self.metrics:
+            return []
+        latest = max(self.metrics)
+        return [f"round {latest} {w}" for w in length_bias_warnings(
+            self.metrics[latest], self.length_bias_threshold, self.length_ratio_threshold)]
 
 
 def _fmt(v) -> str:
@@ -116,6 +129,10 @@ def render(s: Snapshot, now: float | None = None) -> Group:
     if tables:
         parts.append(Panel(Columns(tables, padding=(0, 4)), title="metrics by round",
                            title_align="left"))
+    warnings = s.warnings()
+    if warnings:
+        parts.append(Panel(Text("\n".join(warnings), style="bold yellow"), title="warning",
+                           title_align="left", border_style="yellow"))
     if s.events:
         ev = Text()
         for level, message in s.events:
@@ -181,6 +198,9 @@ class RichMonitor:
     def run_start(self, run):
         s = self.snapshot
         s.name, s.rounds, s.status = run.name, run.rounds, "running"
+        quality = run.config.judge_quality
+        s.length_bias_threshold = quality.length_bias_threshold
+        s.length_ratio_threshold = quality.length_ratio_threshold
         s.metrics = run.store.metrics()
         s.rounds_done = sum(1 for r in run.store.rounds() if r["status"] == "done")
 
@@ -265,6 +285,10 @@ class PlainMonitor:
     def round_end(self, run, round, metrics):
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
         self._line(f"round {round} done: {shown}")
+        quality = run.config.judge_quality
+        for warning in length_bias_warnings(metrics, quality.length_bias_threshold,
+                                            quality.length_ratio_threshold):
+            self._line(f"warning: round {round} {warning}")
 
     @hookimpl
     def event(self, run, round, phase, level, message, data):
@@ -307,6 +331,12 @@ def _epoch(iso: str | None) -> float | None:
 def snapshot_from_store(store: Store) -> Snapshot:
     run = store.run_row() or {}
     s = Snapshot(name=run.get("name", ""), rounds=run.get("rounds", 0), status=run.get("status", "?"))
+    try:
+        quality = json.loads(run.get("config") or "{}").get("judge_quality") or {}
+    except ValueError:
+        quality = {}
+    s.length_bias_threshold = quality.get("length_bias_threshold", s.length_bias_threshold)
+    s.length_ratio_threshold = quality.get("length_ratio_threshold", s.length_ratio_threshold)
     s.metrics = store.metrics()
     s.rounds_done = sum(1 for r in store.rounds() if r["status"] == "done")
     running = store.rows("select * from phases where status = 'running' order by started_at desc limit 1")

@@ -31,6 +31,9 @@ from loop.errors import ConfigError, PluginError
 BUILTINS = (
     "plugins.generators.hf",
     "plugins.judges.self_reward",
+    "plugins.judges.constitutional",
+    "plugins.judges.reward_model",
+    "plugins.judges.remote",
     "plugins.prompts.dataset",
     "plugins.prompts.self_instruct",
     "plugins.prompts.opro",

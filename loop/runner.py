@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from loop import components as c
-from loop import plugins
+from loop import judge_quality, plugins
 from loop.config import RunConfig
 from loop.context import Context
 from loop.errors import PhaseFailed, SelfloopError, UserError
@@ -396,7 +396,9 @@ class Runner:
             for p in res.pairs:
                 p.source = p.source if p.source != "selector" else judge.label
             offered.extend(res.pairs)
-            metrics.update(res.metrics)
+            # Per judge, under its label: its own metrics, then the runner's quality figures.
+            metrics.update(judge_quality.prefixed(res.metrics, judge.label))
+            metrics.update(judge_quality.judge_figures(res.judgments, judge.label))
         failures = sum(j.score is None for j in judgments)
         metrics["judge/parse_failures"] = failures
         metrics["judge/parse_failure_rate"] = failures / max(len(judgments), 1)
@@ -454,6 +456,7 @@ class Runner:
             rejected = [p.rejected.num_tokens or 0 for p in sel.pairs]
             metrics["select/chosen_tokens"] = sum(chosen) / len(chosen)
             metrics["select/rejected_tokens"] = sum(rejected) / len(rejected)
+        metrics.update(judge_quality.selection_figures(sel.pairs, cands, scores))
 
         def write(db):
             for p in sel.pairs:

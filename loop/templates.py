@@ -66,6 +66,14 @@ def resolve_template_path(name: str, base: Path | None = None) -> Path:
     )
 
 
+def quote(text: str) -> str:
+    """Candidate text made safe to place between ``<<<NAME>>>`` markers: a run of three
+    angle brackets is broken up, so the text can never close its own section (a fake
+    ``<<<END ANSWER>>>`` followed by a fake score). Judges pass every candidate and
+    prompt through it before rendering a template."""
+    return text.replace("<<<", "<< <").replace(">>>", "> >>")
+
+
 @lru_cache(maxsize=64)
 def _load(path: Path, mtime: float, required: frozenset[str]) -> Template:
     return Template(path, path.read_text(encoding="utf-8"), required)

@@ -20,6 +20,7 @@ import re
 from pydantic import Field, model_validator
 
 import loop
+from loop.templates import quote
 
 # The whole final line: "Score:", optional blanks, ASCII digits with an optional fraction.
 _SCORE_LINE = re.compile(r"Score:[ \t]*([0-9]+(?:\.[0-9]+)?)", re.ASCII)
@@ -130,7 +131,7 @@ class SelfRewardJudge(loop.Judge):
 
 def _judge_chat(template, candidate: loop.Candidate) -> loop.Chat:
     """The grading request for one candidate, as one user message."""
-    text = template.render(prompt=candidate.prompt.text, response=candidate.text)
+    text = template.render(prompt=quote(candidate.prompt.text), response=quote(candidate.text))
     return [{"role": "user", "content": text}]
 
 

@@ -62,7 +62,8 @@ class TinyworldEvaluator(loop.Evaluator):
     (tokens per answer), ``eval/habit_rate`` (greedy answers showing the seed model's
     bad habit), ``judge/verifier_agreement`` (share of this round's parsed judgments
     whose ``score >= agreement_threshold`` matches the verifier) and
-    ``judge/verified_judgments`` (how many judgments that share is over).
+    ``judge/verified_judgments`` (how many judgments that share is over), and per judge
+    ``judge/<label>/verifier_auc`` (see ``_per_judge_auc``).
     """
 
     name = "tinyworld"
@@ -103,6 +104,7 @@ class TinyworldEvaluator(loop.Evaluator):
         except Exception as e:  # the store is optional here: never fail a round over it
             log.warning("tinyworld: cannot read this round's judgments (%s)", e)
             return {}
+        metrics = self._per_judge_auc(judgments, candidates, prompts)
         agree = total = 0
         for j in judgments:
             score = _get(j, "score")
@@ -119,8 +121,40 @@ class TinyworldEvaluator(loop.Evaluator):
                 prompt, _get(cand, "text") or ""
             )
         if total == 0:
-            return {}
-        return {"judge/verifier_agreement": agree / total, "judge/verified_judgments": total}
+            return metrics
+        return {**metrics, "judge/verifier_agreement": agree / total,
+                "judge/verified_judgments": total}
+
+    @staticmethod
+    def _per_judge_auc(judgments, candidates, prompts) -> dict[str, float]:
+        """Per judge label, ``judge/<label>/verifier_auc``: over (right, wrong) pairs of
+        answers to one prompt, the share the judge ranks right above wrong (ties: half).
+        Scale-free, so it compares judges with different score ranges."""
+        per: dict[str, dict[int, list[float]]] = {}
+        for j in judgments:
+            if _get(j, "score") is not None:
+                per.setdefault(_get(j, "judge"), {}).setdefault(
+                    _get(j, "candidate_id"), []).append(float(_get(j, "score")))
+        out = {}
+        for label, by_cand in per.items():
+            groups: dict[int, tuple[list[float], list[float]]] = {}
+            for cid, scores in by_cand.items():
+                cand = candidates.get(cid)
+                prompt = prompts.get(_get(cand, "prompt_id")) if cand is not None else None
+                if prompt is None or task.parse_prompt(prompt) is None:
+                    continue
+                right, wrong = groups.setdefault(_get(cand, "prompt_id"), ([], []))
+                (right if task.verify(prompt, _get(cand, "text") or "") else wrong).append(
+                    sum(scores) / len(scores))
+            wins = pairs = 0.0
+            for right, wrong in groups.values():
+                for a in right:
+                    for b in wrong:
+                        pairs += 1
+                        wins += 1.0 if a > b else 0.5 if a == b else 0.0
+            if pairs:
+                out[f"judge/{label}/verifier_auc"] = wins / pairs
+        return out
 
 
 def _get(row: Any, key: str) -> Any:

@@ -1,0 +1,396 @@
+"""Constitutional AI judges (Bai et al., 2022, "Constitutional AI: Harmlessness from AI
+Feedback"): the policy critiques and revises its own answers under written principles
+(SL-CAI, section 3), or states pairwise preferences under them (RL-CAI, section 4).
+
+Config::
+
+    [[judges]]
+    name = "constitutional"             # SL-CAI: critique, then revise
+    constitution = "constitution"       # prompts/constitution.toml, or a path to a .toml
+    passes = 1                          # critique-revision passes per answer
+
+    [[judges]]
+    name = "constitutional_preference"  # RL-CAI: A-or-B preference from label log-probs
+    comparisons = 3                     # pairs compared per prompt
+
+The constitution file is a list of ``[[principles]]``, each with ``name``, ``critique``,
+``revision`` and ``compare`` (see prompts/constitution.toml). It is checked when the
+config is loaded: a bad file is a config error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tomllib
+from pathlib import Path
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+import loop
+from loop.templates import PROMPTS_DIR, quote
+
+# ---------------------------------------------------------------------------
+# The constitution file
+# ---------------------------------------------------------------------------
+
+
+class Principle(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    critique: str = Field(min_length=1)  # what the critic looks for
+    revision: str = Field(min_length=1)  # how the answer is to be rewritten
+    compare: str = Field(min_length=1)  # the A-or-B question of pairwise judging
+
+
+class Constitution(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    principles: list[Principle] = Field(min_length=1)
+
+    @field_validator("principles")
+    @classmethod
+    def _unique(cls, principles):
+        names = [p.name for p in principles]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"principle names must be unique; {dupes} repeat")
+        return principles
+
+
+def resolve_constitution(name: str, base: Path | None = None) -> Path:
+    """``"constitution"`` -> prompts/constitution.toml; a path is taken relative to ``base``."""
+    if name.endswith(".toml") or "/" in name:
+        p = Path(name).expanduser()
+        if not p.is_absolute() and base is not None:
+            p = Path(base) / p
+        return p
+    return PROMPTS_DIR / f"{name}.toml"
+
+
+def load_constitution(path: Path) -> Constitution:
+    """Read and check a constitution file; ValueError with the file and field otherwise."""
+    if not path.is_file():
+        raise ValueError(
+            f"constitution file {path} not found; name a .toml in prompts/ (without .toml) "
+            "or give a path to one"
+        )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"constitution file {path}: not valid TOML ({e}); fix the syntax") from None
+    try:
+        return Constitution.model_validate(data)
+    except ValidationError as e:
+        from loop.config import format_validation_error
+
+        field, message = format_validation_error(e, Constitution)
+        raise ValueError(
+            f"constitution file {path}: {field}: {message} (each [[principles]] needs name, "
+            "critique, revision and compare)"
+        ) from None
+
+
+class _ConstitutionOptions(loop.Judge.Options):
+    # A .toml in prompts/ (without .toml) or a path to one, relative to the config file.
+    constitution: str = "constitution"
+    # Only these principles (by name); empty: all of them.
+    principles: list[str] = []
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo):
+        base = (info.context or {}).get("source_dir")
+        self.load(base)  # a bad file or principle name fails when the config is loaded
+        if self.constitution.endswith(".toml") or "/" in self.constitution:
+            # stored absolute, so a resumed run (config read from the run folder) finds it
+            self.constitution = str(resolve_constitution(self.constitution, base).resolve())
+        return self
+
+    def load(self, base: Path | None) -> list[Principle]:
+        principles = load_constitution(resolve_constitution(self.constitution, base)).principles
+        if self.principles:
+            known = {p.name for p in principles}
+            unknown = [n for n in self.principles if n not in known]
+            if unknown:
+                raise ValueError(
+                    f"principles {unknown} are not in {self.constitution}; known: {sorted(known)}"
+                )
+            principles = [p for p in principles if p.name in self.principles]
+        return principles
+
+
+# ---------------------------------------------------------------------------
+# SL-CAI: critique and revision
+# ---------------------------------------------------------------------------
+
+
+class ConstitutionalJudge(loop.Judge):
+    """SL-CAI critique and revision; each revision is offered as preferred to its original.
+
+    The algorithm (Bai et al. 2022, section 3.1), per answer to revise:
+
+    1. sample a principle from the constitution (``ctx.rng``: the same on a re-run);
+    2. ask the policy to critique the current text under the principle's critique request;
+    3. ask it to rewrite the text given the critique and the principle's revision request;
+    4. repeat 1-3 ``passes`` times on the newest revision;
+    5. store the final revision as a new candidate (``source = "revision"``, ``parent`` =
+       the original, every principle, critique and intermediate revision in ``meta``) and
+       offer the pair (revision preferred over original) to the selector.
+
+    A revision that is empty, cut off by ``max_new_tokens`` or equal to the text it
+    revises ends the chain (its ``outcome`` is stored with the pass); a chain whose first
+    pass is not usable adds nothing (counted in ``cai/failed``: empty or cut off, of which
+    ``cai/truncated`` were cut off, or in ``cai/unchanged``). This judge writes no scores.
+    """
+
+    name = "constitutional"
+
+    class Options(_ConstitutionOptions):
+        # Critique-revision passes per answer (the paper uses up to 4).
+        passes: int = Field(1, ge=1, le=8)
+        # Answers revised per prompt (the first ones sampled); None: every policy answer.
+        per_prompt: int | None = Field(None, ge=1)
+        # Sampling for critiques and revisions (0: greedy).
+        temperature: float = Field(0.7, ge=0.0)
+        critique_max_new_tokens: int = Field(256, ge=1)
+        revision_max_new_tokens: int = Field(256, ge=1)
+        # Templates: names in prompts/ (without .j2) or paths to .j2 files.
+        critique_template: str = "cai_critique"
+        revision_template: str = "cai_revision"
+
+    def setup(self, ctx) -> None:
+        self._templates(ctx)
+        self.options.load(ctx.config.source_dir)
+
+    def _templates(self, ctx):
+        o = self.options
+        return (ctx.template(o.critique_template, {"prompt", "response", "request"}),
+                ctx.template(o.revision_template, {"prompt", "response", "critique", "request"}))
+
+    def judge(self, ctx, candidates: list[loop.Candidate]) -> loop.JudgeResult:
+        if ctx.generator is None:
+            raise RuntimeError("the constitutional judge needs the run's generator")
+        opts = self.options
+        principles = opts.load(ctx.config.source_dir)
+        critique_t, revision_t = self._templates(ctx)
+        originals = _to_revise(candidates, opts.per_prompt)
+        rng = ctx.rng(self.label, "principles")
+        # chain[i]: the passes so far of originals[i]; text[i]: the text the next pass revises.
+        chains: list[list[dict]] = [[] for _ in originals]
+        text = [c.text for c in originals]
+        live = list(range(len(originals)))
+        for step in range(opts.passes):
+            if not live:
+                break
+            chosen = {i: rng.choice(principles) for i in live}
+            critiques = self._ask(ctx, [
+                critique_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
+                                  request=chosen[i].critique) for i in live
+            ], opts.critique_max_new_tokens, ("critique", step))
+            revisions = self._ask(ctx, [
+                revision_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
+                                  critique=quote(crit.text.strip()), request=chosen[i].revision)
+                for i, crit in zip(live, critiques)
+            ], opts.revision_max_new_tokens, ("revision", step))
+            still = []
+            for i, crit, rev in zip(live, critiques, revisions):
+                new = rev.text.strip()
+                outcome = ("empty" if not new else "truncated" if rev.finish_reason == "length"
+                           else "unchanged" if new == text[i].strip() else "revised")
+                chains[i].append({"principle": chosen[i].name, "critique": crit.text,
+                                  "revision": rev.text, "finish_reason": rev.finish_reason,
+                                  "num_tokens": rev.num_tokens, "outcome": outcome,
+                                  "used": outcome == "revised"})
+                if outcome != "revised":
+                    continue
+                text[i] = new
+                still.append(i)
+            live = still
+            ctx.progress(step + 1, opts.passes)
+        new_cands: list[loop.Candidate] = []
+        pairs: list[loop.Pair] = []
+        outcomes = {"empty": 0, "truncated": 0, "unchanged": 0}
+        for original, chain, final in zip(originals, chains, text):
+            used = [p for p in chain if p["used"]]
+            if not used:  # the first pass gave nothing usable
+                outcomes[chain[0]["outcome"]] += 1
+                continue
+            revision = loop.Candidate(
+                prompt=original.prompt, text=final, policy=ctx.policy_label,
+                sample_index=original.sample_index, num_tokens=used[-1]["num_tokens"],
+                finish_reason="stop", source="revision", parent=original,
+                meta={"judge": self.label, "passes": chain},
+            )
+            new_cands.append(revision)
+            pairs.append(loop.Pair(prompt=original.prompt, chosen=revision, rejected=original,
+                                   source=self.label))
+        metrics = {
+            "cai/revised": float(len(originals)),
+            "cai/revisions": float(len(new_cands)),
+            "cai/failed": float(outcomes["empty"] + outcomes["truncated"]),
+            "cai/truncated": float(outcomes["truncated"]),
+            "cai/unchanged": float(outcomes["unchanged"]),
+        }
+        if new_cands:
+            metrics["cai/length_ratio"] = _mean(
+                [len(r.text) / max(len(r.parent.text), 1) for r in new_cands])
+        return loop.JudgeResult(candidates=new_cands, pairs=pairs, metrics=metrics)
+
+    def _ask(self, ctx, messages: list[str], max_new_tokens: int, seed_labels) -> list[loop.Completion]:
+        chats = [[{"role": "user", "content": m}] for m in messages]
+        sampling = loop.Sampling(n=1, temperature=self.options.temperature,
+                                 max_new_tokens=max_new_tokens,
+                                 seed=ctx.derive_seed(self.label, *seed_labels))
+        out = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter, progress=False)
+        return [group[0] for group in out]
+
+
+def _to_revise(candidates, per_prompt: int | None) -> list[loop.Candidate]:
+    """The policy's own answers (not other judges' revisions), ``per_prompt`` per prompt."""
+    seen: dict[int, int] = {}
+    out = []
+    for c in candidates:
+        if c.source != "policy":
+            continue
+        key = id(c.prompt)
+        if per_prompt is not None and seen.get(key, 0) >= per_prompt:
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# RL-CAI: pairwise preference from label log-probs
+# ---------------------------------------------------------------------------
+
+
+def preference_from_logprobs(a_first: tuple[float, float], b_first: tuple[float, float]):
+    """P(x preferred to y) from the two orders of one comparison, and the position bias.
+
+    ``a_first`` holds the log-probs of the replies "A" and "B" with x shown as option A;
+    ``b_first`` the same with y shown as option A. Each order gives a two-way softmax;
+    averaging P(x) over both orders cancels a constant preference for a position
+    (Zheng et al. 2023, "Judging LLM-as-a-judge", section 3.4, swap augmentation)::
+
+        p1 = e^{A1} / (e^{A1} + e^{B1})        x in first place
+        p2 = e^{B2} / (e^{A2} + e^{B2})        x in second place
+        P(x > y) = (p1 + p2) / 2
+        position bias = (P1(A) + P2(A)) / 2 - 1/2   (0: none; +1/2: always the first)
+
+    Returns ``(P(x > y), position_bias, consistent)`` where ``consistent`` says whether
+    both orders prefer the same answer.
+    """
+    pa1 = _sigmoid(a_first[0] - a_first[1])  # P("A") in order 1
+    pa2 = _sigmoid(b_first[0] - b_first[1])  # P("A") in order 2
+    p1, p2 = pa1, 1.0 - pa2
+    return (p1 + p2) / 2, (pa1 + pa2) / 2 - 0.5, (p1 > 0.5) == (p2 > 0.5)
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+class ConstitutionalPreferenceJudge(loop.Judge):
+    """RL-CAI: the policy's A-or-B preference between two answers under a sampled principle.
+
+    Per prompt, up to ``comparisons`` pairs of its candidates are compared. Each pair is
+    asked in both orders; the preference is read from the log-probs of the replies "A" and
+    "B" (``Generator.logprobs``: the label followed by end-of-turn), never from generated
+    text, so it cannot fail to parse. A candidate's score is its mean probability of being
+    preferred over its comparisons, in [0, 1]; the judgment's ``raw`` lists them and
+    ``meta`` holds every log-prob. Metrics: ``judge/position_bias`` (mean preference for
+    option A, minus one half) and ``judge/order_agreement`` (share of comparisons whose
+    two orders agree).
+    """
+
+    name = "constitutional_preference"
+
+    class Options(_ConstitutionOptions):
+        # Pairs compared per prompt (sampled from all pairs); each costs 4 log-prob rows.
+        comparisons: int = Field(3, ge=1)
+        template: str = "cai_preference"  # prompt, first, second, question
+        # Chats per generator.logprobs call.
+        batch_size: int = Field(64, ge=1)
+
+    def setup(self, ctx) -> None:
+        ctx.template(self.options.template, {"prompt", "first", "second", "question"})
+        self.options.load(ctx.config.source_dir)
+
+    def judge(self, ctx, candidates: list[loop.Candidate]) -> loop.JudgeResult:
+        if ctx.generator is None:
+            raise RuntimeError("the constitutional_preference judge needs the run's generator")
+        opts = self.options
+        principles = opts.load(ctx.config.source_dir)
+        template = ctx.template(opts.template, {"prompt", "first", "second", "question"})
+        rng = ctx.rng(self.label, "pairs")
+        groups: dict[int, list[loop.Candidate]] = {}
+        for c in candidates:
+            groups.setdefault(id(c.prompt), []).append(c)
+        jobs = []  # (x, y, principle)
+        for group in groups.values():
+            pairs = list(itertools.combinations(group, 2))
+            if len(pairs) > opts.comparisons:
+                pairs = rng.sample(pairs, opts.comparisons)
+            jobs.extend((x, y, rng.choice(principles)) for x, y in pairs)
+        chats, responses = [], []
+        for x, y, principle in jobs:
+            for first, second in ((x, y), (y, x)):
+                text = template.render(prompt=quote(x.prompt.text), first=quote(first.text),
+                                       second=quote(second.text), question=principle.compare)
+                chat = [{"role": "user", "content": text}]
+                chats += [chat, chat]
+                responses += ["A", "B"]
+        lps: list[float] = []
+        for start in range(0, len(chats), opts.batch_size):
+            lps.extend(ctx.generator.logprobs(ctx, chats[start:start + opts.batch_size],
+                                              responses[start:start + opts.batch_size],
+                                              adapter=ctx.adapter))
+            ctx.progress(min(start + opts.batch_size, len(chats)), len(chats))
+        wins: dict[int, list[tuple[float, dict]]] = {}
+        biases, agree = [], []
+        for k, (x, y, principle) in enumerate(jobs):
+            a1, b1, a2, b2 = lps[4 * k: 4 * k + 4]
+            p, bias, consistent = preference_from_logprobs((a1, b1), (a2, b2))
+            biases.append(bias)
+            agree.append(consistent)
+            record = {"principle": principle.name, "logprobs": [a1, b1, a2, b2]}
+            wins.setdefault(id(x), []).append((p, {**record, "against": y.id, "shown": "A-first"}))
+            wins.setdefault(id(y), []).append((1 - p, {**record, "against": x.id, "shown": "B-first"}))
+        judgments = []
+        for c in candidates:
+            got = wins.get(id(c))
+            if not got:
+                continue
+            score = _mean([p for p, _ in got])
+            raw = "\n".join(f"vs candidate {m['against']} ({m['principle']}): P(preferred) = {p:.3f}"
+                            for p, m in got)
+            judgments.append(loop.Judgment(candidate=c, score=score, raw=raw,
+                                           meta={"comparisons": [m for _, m in got]}))
+        metrics = {"judge/comparisons": float(len(jobs))}
+        if jobs:
+            metrics["judge/position_bias"] = _mean(biases)
+            metrics["judge/order_agreement"] = _mean([float(a) for a in agree])
+        return loop.JudgeResult(judgments=judgments, metrics=metrics)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+@loop.hookimpl
+def register_judges(register):
+    register(ConstitutionalJudge)
+    register(ConstitutionalPreferenceJudge)
