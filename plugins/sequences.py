@@ -110,24 +110,25 @@ def packed_batch(
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     # Attention blocks: token i may attend to j <= i when j is in i's block or in the
     # block of i's prompt (``parent``); each padding token is a block of its own.
-    block = torch.arange(width).repeat(len(rows), 1) + width
+    block = torch.arange(width).repeat(len(rows), 1) + len(prompts) + len(groups)
     parent = torch.full((len(rows), width), -1, dtype=torch.long)
     row_of, col_of, target, seq = [], [], [], []
+    blocks = iter(range(len(prompts) + len(groups)))
     for r, members_of_row in enumerate(rows):
         at = 0
         for p, members in members_of_row:
             n_p = len(p)
+            prompt_block, prompt_end = next(blocks), at + n_p - 1
             ids[r, at : at + n_p] = torch.tensor(p, dtype=torch.long)
             pos[r, at : at + n_p] = torch.arange(n_p)
-            block[r, at : at + n_p] = at
-            prompt_block, prompt_end = at, at + n_p - 1
+            block[r, at : at + n_p] = prompt_block
             at += n_p
             for i in members:
                 resp = list(responses[i])
                 n_r = len(resp)
                 ids[r, at : at + n_r] = torch.tensor(resp, dtype=torch.long)
                 pos[r, at : at + n_r] = torch.arange(n_p, n_p + n_r)
-                block[r, at : at + n_r] = at
+                block[r, at : at + n_r] = next(blocks)
                 parent[r, at : at + n_r] = prompt_block
                 # Token t of the response is predicted at the token before it: the
                 # prompt's last token for t = 0, else the response's token t - 1.
