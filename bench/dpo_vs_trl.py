@@ -92,10 +92,10 @@ def run_ours(args, model_dir: str) -> dict:
                   phase="update", adapter=None, policy_label="base", store=None,
                   _policy_factory=lambda: policy)
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         result = DPOUpdater(opts).update(ctx, loop.Selection(pairs=sel), out)
-        wall = time.perf_counter() - start
-    return {"wall": wall, "loss0": result.steps[0].loss, "loss_last": result.steps[-1].loss,
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return {"wall": wall, "cpu": cpu, "loss0": result.steps[0].loss, "loss_last": result.steps[-1].loss,
             "steps": len(result.steps), "threads": torch.get_num_threads()}
 
 
@@ -122,13 +122,20 @@ def run_trl(args, model_dir: str) -> dict:
                            weight_decay=0.0, gradient_checkpointing=args.gradient_checkpointing)
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
                           task_type="CAUSAL_LM")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora)
         trainer.train()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"wall": wall, "loss0": losses[0], "loss_last": losses[-1], "steps": len(losses),
+    return {"wall": wall, "cpu": cpu, "loss0": losses[0], "loss_last": losses[-1], "steps": len(losses),
             "threads": torch.get_num_threads()}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far: less sensitive than wall time to
+    other jobs on a shared box (threads waiting for a core do not count)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def child(args):
@@ -169,20 +176,23 @@ def main():
     print(f"{args.steps} steps, batch {args.batch_size} pairs, {args.pairs} pairs, lr {args.lr}, LoRA r=8 on "
           f"{len(TARGETS)} projections, sigmoid loss, beta 0.1, CPU, {args.threads} threads, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for both, "
-          f"{args.repeats} alternating runs each (wall: fastest run; speed-up: of the fastest runs, "
-          f"and the range of the per-repeat ratios)")
-    print("| model | params | ours s | TRL s | speed-up | per-repeat | ours peak RSS MB | TRL peak RSS MB "
-          "| loss@0 ours | loss@0 TRL | last loss ours | last loss TRL |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{args.repeats} alternating runs each (wall and CPU: fastest run; speed-up: of the fastest "
+          f"runs, and the range of the per-repeat ratios)")
+    print("| model | params | ours s | TRL s | speed-up | per-repeat | CPU s ours | CPU s TRL | CPU ratio "
+          "| ours peak RSS MB | TRL peak RSS MB | loss@0 ours | loss@0 TRL | last loss ours | last loss TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, params, runs in rows:
         o = min(runs["ours"], key=lambda r: r["wall"])
         t = min(runs["trl"], key=lambda r: r["wall"])
         ratios = [b["wall"] / a["wall"] for a, b in zip(runs["ours"], runs["trl"])]
+        cpu_o = min(r["cpu"] for r in runs["ours"])
+        cpu_t = min(r["cpu"] for r in runs["trl"])
         rss_o = max(r["maxrss_mb"] for r in runs["ours"])
         rss_t = max(r["maxrss_mb"] for r in runs["trl"])
         print(f"| {kind} | {params / 1e6:.1f}M | {o['wall']:.1f} | {t['wall']:.1f} | {t['wall'] / o['wall']:.2f}x | "
-              f"{min(ratios):.2f}-{max(ratios):.2f}x | {rss_o:.0f} | {rss_t:.0f} | {o['loss0']:.6f} | "
-              f"{t['loss0']:.6f} | {o['loss_last']:.4f} | {t['loss_last']:.4f} |")
+              f"{min(ratios):.2f}-{max(ratios):.2f}x | {cpu_o:.1f} | {cpu_t:.1f} | {cpu_t / cpu_o:.2f}x | "
+              f"{rss_o:.0f} | {rss_t:.0f} | {o['loss0']:.6f} | {t['loss0']:.6f} | "
+              f"{o['loss_last']:.4f} | {t['loss_last']:.4f} |")
         assert abs(o["loss0"] - t["loss0"]) < 1e-4, "step-0 losses disagree"
 
 
