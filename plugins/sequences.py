@@ -6,7 +6,8 @@ One convention everywhere (generation, teacher-forced log-probs, DPO training):
   prompt added (``add_generation_prompt=True``), then tokenized without adding special
   tokens again (templates write their own BOS);
 - a response is its text tokenized on its own, followed by one end-of-sequence token;
-  the response tokens (EOS included) are the ones whose log-probs count.
+  the response tokens (EOS included) are the ones whose log-probs count;
+- teacher-forced log-probs pack their sequences (``packed_batch``), each prompt once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-
-IGNORE = -100  # label of a position whose log-prob does not count (prompt, padding)
 
 
 def encode_prompt(tokenizer, chat) -> list[int]:
