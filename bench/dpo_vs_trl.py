@@ -1,17 +1,20 @@
 """Our DPO updater against TRL's DPOTrainer, side by side, on the same model and pairs.
 
-    /tmp/trlvenv/bin/python bench/dpo_vs_trl.py            # both models
-    /tmp/trlvenv/bin/python bench/dpo_vs_trl.py --models tiny --steps 10
+    /tmp/trlvenv/bin/python bench/dpo_vs_trl.py            # both models, 3 runs each side
+    /tmp/trlvenv/bin/python bench/dpo_vs_trl.py --models 30M --repeats 5 --gradient-checkpointing
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: trl). For each model (the tests'
 tiny Llama and a ~30M-parameter LlamaForCausalLM, both built in-process from a config,
-random weights) it trains once with ``plugins.updaters.dpo`` and once with TRL's
-DPOTrainer (``precompute_ref_log_probs=True``), each in its own subprocess, with the same
-pairs, LoRA configuration, batch size, steps, learning rate (constant, no warm-up) and
-sigmoid loss, gradient checkpointing off for both unless --gradient-checkpointing (TRL's
-default is on), and prints the wall time of each (reference pass + training, after the
-model is loaded), the peak resident memory of each process (``ru_maxrss``), and the loss
-of step 0, which must agree.
+random weights) it trains with ``plugins.updaters.dpo`` and with TRL's DPOTrainer
+(``precompute_ref_log_probs=True``, otherwise its defaults), each run in its own
+subprocess, with the same pairs, LoRA configuration, batch size, steps, learning rate
+(constant, no warm-up) and sigmoid loss, gradient checkpointing off for both unless
+--gradient-checkpointing (TRL's default is on). The two sides alternate ``--repeats``
+times (who goes first alternates too), so a burst of load on a shared machine hits
+both. It prints the wall time of each (reference pass + training, after the model is
+loaded; the fastest run counts), the per-repeat ratios, the CPU seconds of each (less
+sensitive to other jobs), the peak resident memory of each process (``ru_maxrss``), and
+the loss of step 0, which must agree.
 """
 
 from __future__ import annotations
