@@ -5,6 +5,7 @@ trainer, so the test builds a DPOTrainer on the tiny model with a nonzero random
 (policy != reference, which is the base model: precomputed reference log-probs), runs
 its ``compute_loss`` on one pair at a time for each loss type, and feeds the log-probs
 TRL logged for that pair (and its precomputed reference log-probs) to our loss function.
+It also checks our packed forward against TRL's precomputed reference log-probs.
 """
 
 from __future__ import annotations
