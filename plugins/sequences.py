@@ -6,7 +6,8 @@ One convention everywhere (generation, teacher-forced log-probs, DPO training):
   prompt added (``add_generation_prompt=True``), then tokenized without adding special
   tokens again (templates write their own BOS);
 - a response is its text tokenized on its own, followed by one end-of-sequence token;
-  the response tokens (EOS included) are the ones whose log-probs count.
+  the response tokens (EOS included) are the ones whose log-probs count;
+- teacher-forced log-probs pack their sequences (``packed_batch``), each prompt once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-
-IGNORE = -100  # label of a position whose log-prob does not count (prompt, padding)
 
 
 def encode_prompt(tokenizer, chat) -> list[int]:
@@ -57,44 +56,139 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
-def training_batch(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device
+# A packed row holds whole prompt groups up to this many tokens (more only for a group
+# that is longer on its own): short sequences share rows, long ones keep attention small.
+ROW_TOKENS = 1024
+
+
+def packed_batch(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    device,
+    *,
+    additive_mask: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response rows; ``labels`` are IGNORE on prompt and padding."""
-    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    width = max(len(r) for r in rows)
+    """Sequences packed into few rows, each distinct prompt written once.
+
+    Sequences with the same prompt ids form a group: the prompt, then each response.
+    A response attends to its prompt and to its own earlier tokens, never to a sibling
+    response, and its positions continue from its prompt's end, so every response sees
+    exactly what it would see alone after its prompt (chosen and rejected of a pair
+    share one prompt pass). Groups fill rows of ``ROW_TOKENS`` first-fit, longest
+    first; the rest of a row is padding that attends only to itself.
+
+    Returns ``input_ids`` and ``position_ids`` [R, T], ``attention_mask`` [R, 1, T, T]
+    (bool, True = may attend; or 0 / dtype-min floats when ``additive_mask`` is a
+    dtype, for eager attention), ``keep`` [K] the columns whose logits are needed, and
+    per scored token (every response token but one without a token before it):
+    ``row`` and ``col`` (index into ``keep``) of the logit predicting it, its
+    ``target`` id and ``seq``, the index of its sequence in the input order.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    sized = sorted(
+        ((len(p) + sum(len(responses[i]) for i in members), p, members)
+         for p, members in groups.items()),
+        key=lambda g: -g[0],
+    )
+    capacity = max(ROW_TOKENS, sized[0][0])
+    rows: list[list[tuple[tuple[int, ...], list[int]]]] = []
+    room: list[int] = []
+    for size, p, members in sized:
+        r = next((r for r, free in enumerate(room) if free >= size), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append((p, members))
+        room[r] -= size
+    width = max(capacity - free for free in room)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(list(p) + list(r), dtype=torch.long)
-        mask[i, :n] = 1
-        labels[i, len(p) : n] = torch.tensor(list(r), dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    # Attention blocks: token i may attend to j <= i when j is in i's block or in the
+    # block of i's prompt (``parent``); each padding token is a block of its own.
+    block = torch.arange(width).repeat(len(rows), 1) + len(prompts) + len(groups)
+    parent = torch.full((len(rows), width), -1, dtype=torch.long)
+    row_of, col_of, target, seq = [], [], [], []
+    blocks = iter(range(len(prompts) + len(groups)))
+    for r, members_of_row in enumerate(rows):
+        at = 0
+        for p, members in members_of_row:
+            n_p = len(p)
+            prompt_block, prompt_end = next(blocks), at + n_p - 1
+            ids[r, at : at + n_p] = torch.tensor(p, dtype=torch.long)
+            pos[r, at : at + n_p] = torch.arange(n_p)
+            block[r, at : at + n_p] = prompt_block
+            at += n_p
+            for i in members:
+                resp = list(responses[i])
+                n_r = len(resp)
+                ids[r, at : at + n_r] = torch.tensor(resp, dtype=torch.long)
+                pos[r, at : at + n_r] = torch.arange(n_p, n_p + n_r)
+                block[r, at : at + n_r] = next(blocks)
+                parent[r, at : at + n_r] = prompt_block
+                # Token t of the response is predicted at the token before it: the
+                # prompt's last token for t = 0, else the response's token t - 1.
+                sources = [prompt_end] + list(range(at, at + n_r - 1))
+                first = 0 if n_p else 1
+                row_of += [r] * (n_r - first)
+                col_of += sources[first:]
+                target += resp[first:]
+                seq += [i] * (n_r - first)
+                at += n_r
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = block[:, None, :] == block[:, :, None]
+    in_prompt = block[:, None, :] == parent[:, :, None]
+    mask = ((same | in_prompt) & causal)[:, None]
+    if additive_mask is not None:
+        mask = torch.zeros(mask.shape, dtype=additive_mask).masked_fill(
+            ~mask, torch.finfo(additive_mask).min
+        )
+    cols = torch.tensor(col_of, dtype=torch.long)
+    keep, col = torch.unique(cols, sorted=True, return_inverse=True)
     return {
         "input_ids": ids.to(device),
+        "position_ids": pos.to(device),
         "attention_mask": mask.to(device),
-        "labels": labels.to(device),
+        "keep": keep.to(device),
+        "row": torch.tensor(row_of, dtype=torch.long, device=device),
+        "col": col.to(device),
+        "target": torch.tensor(target, dtype=torch.long, device=device),
+        "seq": torch.tensor(seq, dtype=torch.long, device=device),
     }
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over each row of log p(label_t | tokens before t); IGNORE labels count zero.
+def sequence_logps(
+    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device
+) -> torch.Tensor:
+    """Summed log p(response | prompt) of each sequence [N], float32, in one forward pass.
 
-    ``logits`` [B, T, V] are the model's outputs for the same rows as ``labels`` [B, T]
-    (position t predicts token t+1, so they are shifted here). The log-softmax runs
-    row by row in float32, so a bf16 model's [B, T, V] tensor is never copied whole.
+    The sequences are packed (``packed_batch``), logits are computed only at the
+    positions that predict a response token (``logits_to_keep``), and each token's
+    log-prob is its logit minus the log-sum-exp of its row, in float32, over those
+    positions only: no [B, T, vocab] tensor is ever made.
     """
-    logits = logits[:, :-1]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    safe = targets.masked_fill(~keep, 0)
-    sums = []
-    for row_logits, row_targets, row_keep in zip(logits, safe, keep):
-        lp = torch.log_softmax(row_logits.float(), dim=-1)
-        token_lp = lp.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
-        sums.append((token_lp * row_keep).sum())
-    return torch.stack(sums)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(
+            f"sequence packing needs an explicit attention mask, which {impl!r} attention "
+            "does not take; load the model with attn_implementation 'sdpa' or 'eager'"
+        )
+    dtype = next(model.parameters()).dtype if impl == "eager" else None
+    batch = packed_batch(prompts, responses, pad_id, device, additive_mask=dtype)
+    logits = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=batch["keep"],
+    ).logits
+    picked = logits[batch["row"], batch["col"]].float()
+    token = picked.gather(-1, batch["target"].unsqueeze(-1)).squeeze(-1)
+    token = token - torch.logsumexp(picked, dim=-1)
+    sums = torch.zeros(len(prompts), dtype=torch.float32, device=token.device)
+    return sums.index_add(0, batch["seq"], token)
 
 
 def truncate(

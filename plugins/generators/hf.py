@@ -26,9 +26,8 @@ from plugins.sequences import (
     encode_response,
     left_pad,
     seeded,
-    sequence_logprobs,
+    sequence_logps,
     stop_token_ids,
-    training_batch,
 )
 
 
@@ -173,16 +172,15 @@ class HFGenerator(loop.Generator):
         sums: list[float] = []
         with policy.using(adapter) as model, torch.no_grad():
             for start in range(0, len(prompts), size):
-                batch = training_batch(
-                    prompts[start : start + size],
-                    answers[start : start + size],
-                    tok.pad_token_id,
-                    model.device,
+                sums.extend(
+                    sequence_logps(
+                        model,
+                        prompts[start : start + size],
+                        answers[start : start + size],
+                        tok.pad_token_id,
+                        model.device,
+                    ).tolist()
                 )
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-                sums.extend(sequence_logprobs(logits, batch["labels"]).tolist())
         return sums
 
 

@@ -48,8 +48,8 @@ def encode_pairs(tok, pairs, system, max_length):
 
 
 def pair_logps(model, examples, pad_id, device):
-    """Chosen and rejected of every pair in one concatenated forward pass: summed
-    log-probs [B] and token counts [B] of chosen, then of rejected."""
+    """Chosen and rejected of every pair in one packed forward pass (each pair's prompt
+    once): summed log-probs [B] and token counts [B] of chosen, then of rejected."""
     flat = [e[0] for e in examples] + [e[1] for e in examples]
     logps, counts = forward_logps(model, [p for p, _ in flat], [r for _, r in flat], pad_id, device)
     n = len(examples)
@@ -78,7 +78,7 @@ class DPOUpdater(LoRAUpdater):
        (``reference_logps``): a resumed update reads them back.
     3. Continue the previous adapter (a fresh LoRA from ``ctx.seed`` when there is none).
     4. For each optimizer step (pairs shuffled per epoch from ``ctx.seed``, grouped by
-       length): one forward pass over chosen and rejected concatenated, the loss from
+       length): one packed forward pass over chosen and rejected, the loss from
        ``LOSSES``, gradients accumulated over ``grad_accum`` micro-batches, clipped,
        AdamW with warm-up then linear or cosine decay (``training.train``).
     5. Save the adapter into ``output_dir`` as a standard PEFT folder.

@@ -147,7 +147,8 @@ def sft(logps: Tensor, tokens: Tensor, **_) -> Tensor:
 
 def rrhf(logps: Tensor, tokens: Tensor, scores: Tensor, *, sft_weight: float = 1.0, **_) -> Tensor:
     """RRHF (Yuan et al., 2023, "RRHF: Rank Responses to Align Language Models with Human
-    Feedback", eqs. 1-4) for one prompt's n responses:
+    Feedback", arXiv 2304.05302, eqs. 1-4: numbering checked against a secondary
+    transcription of the method, not the PDF) for one prompt's n responses:
 
     ``p_i = logps_i / tokens_i`` (eq. 1, length-normalised log-prob);
     ``L_rank = Σ_{r_i < r_j} max(0, p_i - p_j)`` (eq. 2);
@@ -164,7 +165,8 @@ def rrhf(logps: Tensor, tokens: Tensor, scores: Tensor, *, sft_weight: float = 1
 
 def pro(logps: Tensor, tokens: Tensor, scores: Tensor, *, sft_weight: float = 1.0, **_) -> Tensor:
     """PRO (Song et al., 2024, "Preference Ranking Optimization for Human Alignment",
-    sec. 3.2, the Plackett-Luce listwise loss) for one prompt's n responses, best first
+    AAAI; arXiv 2306.17492; see the paper's method section: the Plackett-Luce listwise
+    loss, equation number not verified here) for one prompt's n responses, best first
     by ``scores`` (stable order):
 
     ``π_i = logps_i / tokens_i`` (length-normalised log-prob);

@@ -46,28 +46,36 @@ class RAFTUpdater(LoRAUpdater):
     def update(self, ctx, selection: loop.Selection, output_dir: str) -> loop.UpdateResult:
         opts = self.options
         rows = require_selected("raft", selection, {"top"}, "top_k")
-        policy = ctx.policy()
-        tok = policy.tokenizer
+        tok = ctx.policy().tokenizer
         examples = [
             encode(tok, s.candidate.prompt, s.candidate.text, ctx.system, opts.max_length)
             for s in rows
         ]
-
-        def micro(model, mb):
-            chunk = [examples[i] for i in mb]
-            logps, tokens = forward_logps(
-                model, [p for p, _ in chunk], [r for _, r in chunk], tok.pad_token_id, policy.device
-            )
-            losses = sft(logps, tokens)
-            return losses, {
-                "train/nll": losses.detach().sum().item(),
-                "train/tokens": tokens.sum().item(),
-            }
-
-        lengths = [len(p) + len(r) for p, r in examples]
-        steps = train(self, ctx, len(examples), micro, lengths=lengths)
-        policy.save_adapter(output_dir)
+        steps = supervised(self, ctx, examples)
+        ctx.policy().save_adapter(output_dir)
         return loop.UpdateResult(steps=steps, metrics=summary(steps, len(rows), "examples"))
+
+
+def supervised(updater: LoRAUpdater, ctx, examples: list[tuple[list[int], list[int]]]):
+    """Supervised training on encoded (prompt, response) examples: each example's loss
+    is its mean response-token NLL (``losses.sft``); the shared loop does the rest.
+    RAFT's update and ``plugins.updaters.sft.train_sft`` (BPO's rewriter) both use it."""
+    policy = ctx.policy()
+    pad_id = policy.tokenizer.pad_token_id
+
+    def micro(model, mb):
+        chunk = [examples[i] for i in mb]
+        logps, tokens = forward_logps(
+            model, [p for p, _ in chunk], [r for _, r in chunk], pad_id, policy.device
+        )
+        losses = sft(logps, tokens)
+        return losses, {
+            "train/nll": losses.detach().sum().item(),
+            "train/tokens": tokens.sum().item(),
+        }
+
+    lengths = [len(p) + len(r) for p, r in examples]
+    return train(updater, ctx, len(examples), micro, lengths=lengths)
 
 
 @loop.hookimpl

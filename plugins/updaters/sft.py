@@ -7,30 +7,21 @@ The algorithm (``train_sft``):
 
 1. Tokenize each example as chat-template(chat) + response + EOS; only response tokens
    (EOS included) count, truncated to ``max_length`` as the DPO updater does.
-2. Start a fresh LoRA adapter on the shared policy (seeded), AdamW at a constant rate.
-3. Each step takes ``batch_size`` examples (an epoch is a seeded permutation) and
-   minimises the mean negative log-likelihood per response token; gradients are clipped.
-4. Save the adapter into ``output_dir`` as a standard PEFT folder.
+2. Train a fresh LoRA adapter on the shared policy (seeded) with RAFT's supervised path
+   (``plugins.updaters.raft.supervised``: per-example mean token NLL, the shared training
+   loop of every updater), at a constant learning rate without warm-up.
+3. Save the adapter into ``output_dir`` as a standard PEFT folder.
 """
 
 from __future__ import annotations
 
-import random
+from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import loop
-from loop.context import derive_seed
-from plugins.sequences import (
-    encode_prompt,
-    encode_response,
-    seeded,
-    sequence_logprobs,
-    training_batch,
-    truncate,
-)
+from plugins.sequences import encode_prompt, encode_response, truncate
 
 
 class SFTOptions(BaseModel):
@@ -57,18 +48,21 @@ class SFTOptions(BaseModel):
     target_modules: str | list[str] = "all-linear"
 
 
-def _plan(count: int, opts: SFTOptions, seed: int) -> list[list[int]]:
-    steps, epoch = [], 0
-    while True:
-        order = list(range(count))
-        random.Random(derive_seed(seed, "sft-epoch", epoch)).shuffle(order)
-        steps += [order[i : i + opts.batch_size] for i in range(0, count, opts.batch_size)]
-        epoch += 1
-        if opts.max_steps is not None:
-            if len(steps) >= opts.max_steps:
-                return steps[: opts.max_steps]
-        elif epoch >= opts.epochs:
-            return steps
+@dataclass
+class _Run:
+    """What the shared training loop reads of a phase context, for a standalone run."""
+
+    _policy: object
+    seed: int
+    _progress: Callable[[int, int, float], None] | None
+    adapter: str | None = None
+
+    def policy(self):
+        return self._policy
+
+    def progress(self, done: int, total: int | None = None, **metrics: float) -> None:
+        if self._progress is not None:
+            self._progress(done, total, metrics.get("loss", float("nan")))
 
 
 def train_sft(
@@ -82,42 +76,16 @@ def train_sft(
     """Train a fresh LoRA adapter on (chat, response) examples; save it to ``output_dir``."""
     if not examples:
         raise ValueError("train_sft needs at least one example")
-    from peft import LoraConfig
+    from plugins.updaters.raft import RAFTUpdater, supervised
 
     tok = policy.tokenizer
-    device = policy.device
     data = [
         truncate(encode_prompt(tok, chat), encode_response(tok, response), options.max_length)
         for chat, response in examples
     ]
-    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha,
-                        lora_dropout=options.lora_dropout, target_modules=options.target_modules,
-                        bias="none", task_type="CAUSAL_LM")
-    plan = _plan(len(data), options, seed)
-    steps: list[loop.TrainStep] = []
-    with seeded(seed, device):
-        model = policy.trainable(config, init_from=None, seed=seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=options.learning_rate)
-        model.train()
-        try:
-            for number, batch_idx in enumerate(plan, start=1):
-                batch = training_batch([data[i][0] for i in batch_idx],
-                                       [data[i][1] for i in batch_idx], tok.pad_token_id, device)
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits
-                tokens = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
-                loss = -sequence_logprobs(logits, batch["labels"]).sum() / tokens
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-                optimizer.step()
-                steps.append(loop.TrainStep(step=number, loss=float(loss.detach()),
-                                            learning_rate=options.learning_rate,
-                                            grad_norm=float(grad_norm)))
-                if progress is not None:
-                    progress(number, len(plan), float(loss.detach()))
-        finally:
-            model.eval()
+    updater = RAFTUpdater(
+        RAFTUpdater.Options(**options.model_dump(), warmup_ratio=0.0, scheduler="constant")
+    )
+    steps = supervised(updater, _Run(policy, seed, progress), data)
     policy.save_adapter(output_dir)
     return steps

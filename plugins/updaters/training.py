@@ -22,7 +22,7 @@ from pydantic import Field
 
 import loop
 from loop.context import derive_seed
-from plugins.sequences import seeded, sequence_logprobs, training_batch
+from plugins.sequences import seeded, sequence_logps
 
 
 class LoRAOptions(loop.Updater.Options):
@@ -182,7 +182,11 @@ def train(
             )
             model.enable_input_require_grads()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+        # The fused kernel updates every LoRA tensor in one call (CPU and CUDA have one).
+        fused = torch.device(device).type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(
+            params, lr=opts.learning_rate, weight_decay=opts.weight_decay, fused=fused
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts, total))
         model.train()
         try:
@@ -236,10 +240,9 @@ def summary(steps: list[loop.TrainStep], units: int, unit_name: str) -> dict[str
 
 
 def forward_logps(model, prompts, responses, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [N] and response token counts [N], in one forward pass."""
-    batch = training_batch(prompts, responses, pad_id, device)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logprobs(logits, batch["labels"]).float()
+    """Summed response log-probs [N] and response token counts [N], in one forward pass
+    over the packed sequences (``plugins.sequences.sequence_logps``)."""
+    logps = sequence_logps(model, prompts, responses, pad_id, device)
     counts = torch.tensor([len(r) for r in responses], dtype=torch.float32, device=logps.device)
     return logps, counts
 
