@@ -53,7 +53,7 @@ def plugin_case(source: str | None):
         if source is not None:
             plugin.write_text(textwrap.dedent(source))
         path = tmp / "bad.toml"
-        text = fake_config(runs).replace("plugins = [", f'plugins = ["myplugin.py", ', 1)
+        text = fake_config(runs).replace("plugins = [", 'plugins = ["myplugin.py", ', 1)
         path.write_text(text, encoding="utf-8")
         return str(path), []
     return make

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import types
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +17,6 @@ from loop import plugins
 from loop.config import ComponentSpec
 from loop.context import Context
 from loop.store import Store
-from loop.templates import load_template
 from plugins.prompts.opro import meta_history, parse_instruction
 from plugins.prompts.self_instruct import ngram_overlap, ngrams, parse_reply
 
