@@ -375,7 +375,10 @@ class VLLMGenerator(loop.Generator):
         heads = [encode_prompt(tok, chat) for chat in chats]
         prompts = [TokensPrompt(prompt_token_ids=h + a) for h, a in zip(heads, answers)]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
+        # One sequence per call: with LoRA enabled, vLLM 0.32 maps LoRA slots per request
+        # for the logits of a prompt-logprobs batch, which fails for more than one
+        # request (einsum size mismatch in LogitsProcessorWithLoRA; see docs/vllm.md).
+        outs = [llm.generate([p], params, lora_request=request, use_tqdm=False)[0] for p in prompts]
         rows = []
         for head, answer, out in zip(heads, answers, outs):
             ids = head + answer
