@@ -32,6 +32,7 @@ import gc
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -97,9 +98,10 @@ class VLLMGenerator(loop.Generator):
         sync_check: bool = True
         # Largest allowed per-token log-prob gap; None: 1e-3 in float32, 5e-2 in 16-bit.
         sync_tolerance: float | None = Field(None, gt=0)
-        # Level of vLLM's messages on the terminal; everything (INFO) also goes to
+        # Level of vLLM's messages on stderr (its CPU start-up warnings are many and
+        # harmless); everything from INFO up also goes to
         # <run folder>/vllm.log.
-        log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+        log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "ERROR"
 
     def __init__(self, options=None, *, label=None):
         super().__init__(options, label=label)
@@ -110,7 +112,7 @@ class VLLMGenerator(loop.Generator):
         self._served: tuple[str | None, object] | None = None  # (adapter path, LoRARequest)
         self._next_lora_id = 0
         self._reference: dict[tuple, list[list[float]]] = {}  # PEFT log-probs per adapter
-        self._log_handler = None
+        self._log_config: str | None = None  # our dictConfig file for vLLM's logging
 
     # -- the engine ------------------------------------------------------------------
 
@@ -136,7 +138,7 @@ class VLLMGenerator(loop.Generator):
             dtype = "float32" if device == "cpu" else "bfloat16"
         self._dtype = dtype
         _check_head_dim(policy.model_path, device)
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")  # the file gets INFO; see _quiet
+        self._configure_logging(ctx)
         # The engine core in this process: no spawned child (which would re-import the
         # caller's __main__) and one address space with the PEFT policy.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -149,7 +151,6 @@ class VLLMGenerator(loop.Generator):
                 "(`make test` does) or `pip install -e .[vllm]` on a GPU machine, or use "
                 "generator.name = \"hf\""
             ) from e
-        self._quiet(ctx)
         rank = self._max_lora_rank(ctx)
         kwargs = dict(
             model=policy.model_path,
@@ -164,9 +165,14 @@ class VLLMGenerator(loop.Generator):
             enforce_eager=o.enforce_eager if o.enforce_eager is not None else device == "cpu",
             seed=derive_seed(getattr(ctx.config, "seed", 0), "vllm"),
             generation_config="vllm",  # no defaults from generation_config.json: Sampling is all
+            use_tqdm_on_load=False,
         )
         if device == "cpu":
             kwargs["kv_cache_memory_bytes"] = int(o.kv_cache_gib * 2**30)
+            # A prompt split over two steps drops its first sampled token and rewinds the
+            # request's seeded generator, which a CPU torch.Generator cannot do (vLLM 0.32:
+            # "CPU Generator does not use offset"). Whole prompts only, on CPU.
+            kwargs["enable_chunked_prefill"] = False
         else:
             kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = True
@@ -184,17 +190,33 @@ class VLLMGenerator(loop.Generator):
         wanted = self.options.max_lora_rank or max(ctx.lora_rank or 0, 8)
         return next(r for r in LORA_RANKS if r >= wanted)
 
-    def _quiet(self, ctx) -> None:
-        """vLLM's handlers to ``log_level``; its full log to <run folder>/vllm.log."""
-        logger = logging.getLogger("vllm")
-        for h in logger.handlers:
-            if h is not self._log_handler:
-                h.setLevel(self.options.log_level)
-        run_dir = Path(ctx.run_dir) if ctx.run_dir is not None else None
-        if self._log_handler is None and run_dir is not None and (run_dir / "run.db").exists():
-            self._log_handler = logging.FileHandler(run_dir / "vllm.log")
-            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(self._log_handler)
+    def _configure_logging(self, ctx) -> None:
+        """vLLM's messages: ``log_level`` and up on stderr; everything from INFO up in
+        <run folder>/vllm.log. vLLM applies this dictConfig itself when an engine starts
+        (``VLLM_LOGGING_CONFIG_PATH``); a path you set yourself is left alone."""
+        if os.environ.get("VLLM_LOGGING_CONFIG_PATH") and self._log_config is None:
+            return
+        level = self.options.log_level
+        handlers = {"console": {"class": "logging.StreamHandler", "level": level,
+                                "formatter": "plain", "stream": "ext://sys.stderr"}}
+        run_dir = Path(ctx.run_dir)
+        if (run_dir / "run.db").is_file():  # a run folder (not a bare component test)
+            handlers["file"] = {"class": "logging.FileHandler", "level": "INFO", "formatter": "plain",
+                                "filename": str(run_dir / "vllm.log")}
+        config = {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+            "handlers": handlers,
+            "loggers": {"vllm": {"handlers": list(handlers), "propagate": False,
+                                 "level": "INFO" if "file" in handlers else level}},
+        }
+        if self._log_config is None:
+            fd, self._log_config = tempfile.mkstemp(prefix="selfloop-vllm-logging-", suffix=".json")
+            os.close(fd)
+        Path(self._log_config).write_text(json.dumps(config))
+        os.environ["VLLM_LOGGING_CONFIG_PATH"] = self._log_config
+        os.environ["VLLM_LOGGING_LEVEL"] = level  # for vLLM's own set-up when it is first imported
 
     def _shutdown(self) -> None:
         llm, self._llm, self._served = self._llm, None, None
@@ -215,10 +237,14 @@ class VLLMGenerator(loop.Generator):
 
     def close(self) -> None:
         self._shutdown()
-        if self._log_handler is not None:
-            logging.getLogger("vllm").removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None
+        if self._log_config is not None:
+            for h in logging.getLogger("vllm").handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.close()  # vllm.log stays complete; later messages reopen it
+            Path(self._log_config).unlink(missing_ok=True)
+            if os.environ.get("VLLM_LOGGING_CONFIG_PATH") == self._log_config:
+                del os.environ["VLLM_LOGGING_CONFIG_PATH"]
+            self._log_config = None
 
     # -- sharing the accelerator with the updater -----------------------------------------
 
