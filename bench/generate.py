@@ -120,7 +120,7 @@ def main() -> None:
           f"{args.threads} threads; vLLM {args.vllm_dtype}, "
           f"{'compiled' if args.vllm_compiled else 'eager'}, KV cache {args.kv_gib} GiB; best of {args.repeats}")
     print(f"{'model':>6} {'params':>7} | {'hf tok/s':>9} | {'vllm tok/s':>10} | {'vllm/hf':>7} | "
-          f"{'warm-up hf / vllm':>18}")
+          f"{'warm-up hf / vllm':>18}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             folder = Path(tmp) / name
@@ -132,7 +132,7 @@ def main() -> None:
             spread = statistics.pstdev(r["tok_s"] for r in vl["runs"]) / best_vl
             print(f"{name:>6} {params / 1e6:6.1f}M | {best_hf:9.0f} | {best_vl:10.0f} | "
                   f"{best_vl / best_hf:6.2f}x | {hf['warmup_s']:7.1f}s / {vl['warmup_s']:5.1f}s"
-                  f"   (vllm spread {spread:.0%})")
+                  f"   (vllm spread {spread:.0%})", flush=True)
 
 
 if __name__ == "__main__":
