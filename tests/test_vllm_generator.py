@@ -227,3 +227,27 @@ def test_demo_round_on_the_vllm_generator(tmp_path):
     assert acc
     assert (run / "vllm.log").stat().st_size > 0
     assert "INFO" not in proc.stdout  # vLLM's chatter goes to the run folder, not the dashboard
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (sleep mode is CUDA-only)")
+def test_sleep_frees_the_gpu_and_waking_serves_the_same_policy(model_dir, adapters):
+    """On CUDA: release() sleeps (GPU memory comes back), reclaim() wakes weights then KV
+    cache, and the adapter served afterwards passes the sync check with the same output."""
+    from loop.policy import Policy
+    from plugins.generators.vllm import VLLMGenerator
+
+    cuda_policy = Policy(model_dir, device="cuda", dtype="float32")
+    g = VLLMGenerator(VLLMGenerator.Options(max_model_len=256, gpu_memory_utilization=0.3))
+    try:
+        ctx = ctx_for(cuda_policy)
+        before = _greedy(g, ctx, adapters[0], max_new_tokens=8)
+        awake_free = torch.cuda.mem_get_info()[0]
+        g.release(ctx)
+        assert torch.cuda.mem_get_info()[0] > awake_free + 2**28  # the KV cache at least
+        g.reclaim(ctx)
+        ctx = ctx_for(cuda_policy)
+        assert _greedy(g, ctx, adapters[0], max_new_tokens=8) == before
+        assert ctx.reported["sync/max_abs_logprob_diff"] < 1e-3
+    finally:
+        g.close()
