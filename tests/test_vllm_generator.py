@@ -161,7 +161,7 @@ def test_sync_check_fails_on_a_stale_adapter(gen, policy, adapters):
     assert ctx.reported["sync/max_abs_logprob_diff"] > 1e-2
 
 
-def test_adapter_rank_above_the_engine_is_a_clear_error(gen, policy, adapters, tmp_path):
+def test_bad_adapters_are_clear_errors(gen, policy, adapters, tmp_path):
     import shutil
 
     big = tmp_path / "big"
@@ -170,6 +170,9 @@ def test_adapter_rank_above_the_engine_is_a_clear_error(gen, policy, adapters, t
     cfg["r"] = 64
     (big / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(loop.UserError, match="max_lora_rank = 64"):
+        gen.generate(ctx_for(policy), CHATS[:1], loop.Sampling(max_new_tokens=2), adapter=str(big))
+    (big / "adapter_model.safetensors").rename(big / "adapter_model.bin")  # not loaded: pickle
+    with pytest.raises(loop.UserError, match="safetensors only"):
         gen.generate(ctx_for(policy), CHATS[:1], loop.Sampling(max_new_tokens=2), adapter=str(big))
 
 

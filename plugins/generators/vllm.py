@@ -40,7 +40,7 @@ from pydantic import Field
 
 import loop
 from loop.context import derive_seed
-from loop.policy import ADAPTER_CONFIG
+from loop.policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from plugins.sequences import encode_prompt, encode_response, stop_token_ids
 
 # vLLM's accepted max_lora_rank values (vllm.config.lora.MaxLoRARanks).
@@ -157,6 +157,7 @@ class VLLMGenerator(loop.Generator):
             tokenizer=policy.model_path,
             dtype=dtype,
             trust_remote_code=policy.trust_remote_code,
+            load_format="safetensors",  # never pickled .bin weights
             enable_lora=True,
             max_lora_rank=rank,
             max_loras=o.max_loras,
@@ -456,6 +457,10 @@ class _GenerationConfigHolder:
 
 
 def _adapter_rank(path: str) -> int:
+    """The adapter's LoRA rank; its weights must be safetensors (vLLM would fall back to
+    a pickled adapter_model.bin)."""
+    if not (Path(path) / ADAPTER_WEIGHTS).is_file():
+        raise loop.UserError(f"{path}: no {ADAPTER_WEIGHTS}; adapters are loaded from safetensors only")
     config = Path(path) / ADAPTER_CONFIG
     try:
         return int(json.loads(config.read_text())["r"])
