@@ -43,6 +43,8 @@ from loop.context import derive_seed
 from loop.policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from plugins.sequences import encode_prompt, encode_response, stop_token_ids
 
+LOG_CONFIG_PREFIX = "selfloop-vllm-logging-"
+
 # vLLM's accepted max_lora_rank values (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -195,8 +197,9 @@ class VLLMGenerator(loop.Generator):
         """vLLM's messages: ``log_level`` and up on stderr; everything from INFO up in
         <run folder>/vllm.log. vLLM applies this dictConfig itself when an engine starts
         (``VLLM_LOGGING_CONFIG_PATH``); a path you set yourself is left alone."""
-        if os.environ.get("VLLM_LOGGING_CONFIG_PATH") and self._log_config is None:
-            return
+        theirs = os.environ.get("VLLM_LOGGING_CONFIG_PATH")
+        if theirs and self._log_config is None and not Path(theirs).name.startswith(LOG_CONFIG_PREFIX):
+            return  # the user's own (ours, inherited from a parent process, is replaced)
         level = self.options.log_level
         handlers = {"console": {"class": "logging.StreamHandler", "level": level,
                                 "formatter": "plain", "stream": "ext://sys.stderr"}}
@@ -213,7 +216,7 @@ class VLLMGenerator(loop.Generator):
                                  "level": "INFO" if "file" in handlers else level}},
         }
         if self._log_config is None:
-            fd, self._log_config = tempfile.mkstemp(prefix="selfloop-vllm-logging-", suffix=".json")
+            fd, self._log_config = tempfile.mkstemp(prefix=LOG_CONFIG_PREFIX, suffix=".json")
             os.close(fd)
         Path(self._log_config).write_text(json.dumps(config))
         os.environ["VLLM_LOGGING_CONFIG_PATH"] = self._log_config
