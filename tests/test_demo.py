@@ -28,8 +28,10 @@ SHORT = [
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("demo") / "runs"
+def demo_run(world_runs_dir):
+    # The session's shared runs folder: the seed model (this recipe) is built once for
+    # every CLI run of the tiny world (tests/world_runs.py, the vLLM demo round, cai_demo).
+    runs = world_runs_dir
     cmd = [sys.executable, "-m", "loop", "demo", "--rounds", "1", "--progress", "plain",
            "--set", f"runs_dir={runs}", *SHORT]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from world_runs import ENV, ROOT, q, run_world, world_command
 
 ARGS = ('name="pairs"', 'name="dpo"', "--set", "rounds=1")
@@ -39,7 +41,8 @@ def test_killed_update_resumes_to_the_same_adapter(world_runs_dir):
         deadline = time.time() + 1500
         while not update_running(killed):
             assert proc.poll() is None, "the run ended before its update phase could be killed"
-            assert time.time() < deadline
+            if time.time() > deadline:  # a hang guard, not a speed check
+                pytest.fail("the run never reached its update phase")
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:

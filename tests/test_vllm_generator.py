@@ -202,8 +202,8 @@ def test_release_and_reclaim_on_cpu(gen, policy, adapters):
     assert after == before
 
 
-def test_demo_round_on_the_vllm_generator(tmp_path):
-    runs = tmp_path / "runs"
+def test_demo_round_on_the_vllm_generator(world_runs_dir):
+    runs = world_runs_dir  # shared: the seed model of this recipe is built once per session
     cmd = [sys.executable, "-m", "loop", "run", "configs/vllm_demo.toml", "--progress", "plain",
            "--set", "rounds=1", "--set", f"runs_dir={runs}",
            "--set", "model.build.steps=250", "--set", "prompts.0.per_round=24",
