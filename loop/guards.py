@@ -60,9 +60,9 @@ def check_judge(guards: GuardsConfig, *, field: str, judge, judgments: list, out
         sample = next((j.raw for j in failures if j.raw), failures[0].error or "")
         cut = f"; {truncated} of {outputs} outputs were cut at max_new_tokens" if outputs else ""
         fix = tokens_fix if outputs and truncated else (
-            f"fix {field}.template ({template!r}) so the judge ends with its score line"
-            if template else f"fix {field}'s options so its outputs parse")
-        hint = (f"{field.replace('[', '.').replace(']', '')}.max_new_tokens={2 * max_new}"
+            f"{field}.template ({template!r}) must make the judge end with its score line"
+            if template else f"change {field}'s options so its outputs parse")
+        hint = (f"{field.replace('[', '.').replace(']', '')}.max_new_tokens={max(4 * max_new, 64)}"
                 if max_new is not None and outputs and truncated else "guards.max_parse_failure_rate=1.0")
         raise GuardFailed(
             f"{where} could not parse {len(failures)} of {n} judgments ({parse_rate:.0%}; "
@@ -72,7 +72,7 @@ def check_judge(guards: GuardsConfig, *, field: str, judge, judgments: list, out
     if outputs and trunc_rate > guards.max_truncated_rate:
         sample = next((j.raw for j in judgments if (j.meta or {}).get("finish_reason") == "length"),
                       judgments[0].raw if judgments else "")
-        hint = (f"{field.replace('[', '.').replace(']', '')}.max_new_tokens={2 * max_new}"
+        hint = (f"{field.replace('[', '.').replace(']', '')}.max_new_tokens={max(4 * max_new, 64)}"
                 if max_new is not None else "guards.max_truncated_rate=1.0")
         raise GuardFailed(
             f"{where}: {truncated} of {outputs} outputs ({trunc_rate:.0%}) were cut at "
