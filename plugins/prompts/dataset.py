@@ -102,7 +102,8 @@ class DatasetPrompts(loop.PromptSource):
         self._read()
 
     def split_heldout(self, k: int, seed: int) -> list[loop.Prompt]:
-        """``k`` rows chosen by a seeded shuffle, never proposed afterwards."""
+        """``k`` rows chosen by a seeded shuffle, never proposed afterwards. Two evaluators
+        splitting one file get nested sets (the first k of one shuffled order)."""
         self._read()
         if k >= len(self._rows):
             raise loop.UserError(
@@ -111,9 +112,9 @@ class DatasetPrompts(loop.PromptSource):
             )
         order = list(range(len(self._rows)))
         random.Random(f"{seed}:dataset:heldout").shuffle(order)
-        self._held = set(order[:k])
+        self._held |= set(order[:k])
         self._orders = {}
-        return [self._prompt(i) for i in sorted(self._held)]
+        return [self._prompt(i) for i in sorted(order[:k])]
 
     def _prompt(self, index: int, **meta) -> loop.Prompt:
         text, system, answer = self._rows[index]
