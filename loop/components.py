@@ -266,6 +266,9 @@ class Generator(Component):
     """Samples completions from the policy (base model + the given adapter)."""
 
     kind = "generator"
+    # True for generators that load the model folder's weights and tokenizer (hf, vllm):
+    # the model-folder checks at validation (loop/model_check.py) then apply.
+    loads_model_folder: ClassVar[bool] = False
 
     def generate(
         self,
