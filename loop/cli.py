@@ -175,7 +175,9 @@ def watch(run_dir, interval, once):
     """The live dashboard of a run, from another terminal (read-only)."""
     from loop.monitor import watch as do_watch
 
-    do_watch(run_dir, interval=interval, once=once)
+    snap = do_watch(run_dir, interval=interval, once=once)
+    if snap is not None and snap.note:  # the writer died: said on the last line; exit 1
+        sys.exit(1)
 
 
 @cli.command()

@@ -3,6 +3,11 @@
 The lock is an ``fcntl.flock`` on an open file, so the kernel releases it when the
 holder dies, SIGKILL included: a lock file left by a dead process is stale and is taken
 over. The file holds the holder's pid and start time, for the error message.
+
+Readers (``status``, ``watch``) tell a live writer from a dead one with ``writer_alive``:
+a non-blocking shared ``flock`` on the same file succeeds only when no process holds
+the writer's lock. The probe holds it for an instant, so ``acquire`` retries a moment
+before calling the run locked.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +30,14 @@ class RunLock:
     def acquire(self) -> None:
         fh = open(self.path, "a+")
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for attempt in range(20):  # a reader's probe holds it for microseconds
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 19:
+                        raise
+                    time.sleep(0.01)
         except BlockingIOError:
             fh.seek(0)
             try:
@@ -42,6 +55,30 @@ class RunLock:
         fh.write(json.dumps({"pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
         fh.flush()
         self._fh = fh
+
+    def writer_alive(self) -> bool | None:
+        """True while some process holds this run's writer lock; False when none does
+        (a writer that died left no lock); None when there is no lock file to probe."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a shared lock we got
+        return False
+
+    def holder(self) -> dict:
+        """What the lock file says about its last holder (pid, since); {} if unreadable."""
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
 
     def release(self) -> None:
         if self._fh is not None:
