@@ -50,10 +50,18 @@ class RunLock:
                 f"since {holder.get('since', '?')}) is writing this run; wait for it to finish "
                 "or stop it, then resume"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+            fh.flush()
+        except OSError:  # a full disk: hold nothing, say so (loop/diskfull.py)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            try:
+                fh.close()
+            except OSError:
+                pass
+            raise
         self._fh = fh
 
     def writer_alive(self) -> bool | None:

@@ -647,7 +647,13 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
     # Before the model: a builder may take minutes, and it writes its cache under runs_dir.
     _refuse_existing(config, replace)
     model_path = resolve_model_path(config, comps)
-    run_dir = create_run(config, comps, model_path, version, replace=replace)
+    try:
+        run_dir = create_run(config, comps, model_path, version, replace=replace)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full(Path(config.runs_dir), f"creating the run folder {config.name}",
+                        "run the command again (nothing was created)") from e
     return Runner(run_dir, config, comps, model_path, resumed=False)
 
 
