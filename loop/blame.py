@@ -112,5 +112,19 @@ def _metrics(value, said: str, fix: str) -> None:
     if not isinstance(value, dict):
         raise TypeError(f"{said} {type(value).__name__}; {fix}")
     for k, v in value.items():
-        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, Real):
+        if not isinstance(k, str) or not _number(v):
             raise TypeError(f"{said} holding {k!r}: {type(v).__name__}; {fix}")
+
+
+def _number(v) -> bool:
+    """What the store can keep as a metric: None, or anything ``float()`` takes but text
+    (a numpy or 0-d torch value included)."""
+    if v is None or isinstance(v, Real):
+        return True
+    if isinstance(v, (str, bytes)):
+        return False
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True

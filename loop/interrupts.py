@@ -59,6 +59,8 @@ class Interrupts:
         self._limit: float | None = None
         self._deadline: float | None = None  # time.monotonic() value
         self._alarm_old = None
+        self._alarm_armed = False
+        self._timer_old = (0.0, 0.0)
 
     @staticmethod
     def _main_thread() -> bool:
@@ -98,14 +100,20 @@ class Interrupts:
         self._deadline = time.monotonic() + seconds
         if self._main_thread():
             self._alarm_old = signal.signal(signal.SIGALRM, self._on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, seconds)
+            self._alarm_armed = True
+            # Someone else's timer (pytest-timeout, say) is put back, less the time spent.
+            self._timer_old = (signal.setitimer(signal.ITIMER_REAL, seconds)[0], time.monotonic())
 
     def disarm(self) -> None:
         self._deadline = None
-        if self._alarm_old is not None:
+        if self._alarm_armed:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._alarm_old)
-            self._alarm_old = None
+            old = self._alarm_old
+            signal.signal(signal.SIGALRM, old if old is not None else signal.SIG_DFL)
+            self._alarm_old, self._alarm_armed = None, False
+            left, since = self._timer_old
+            if left > 0:
+                signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - since), 0.001))
 
     def _on_alarm(self, signum, frame) -> None:
         if self._deadline is not None:

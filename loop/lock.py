@@ -64,30 +64,6 @@ class RunLock:
             raise
         self._fh = fh
 
-    def writer_alive(self) -> bool | None:
-        """True while some process holds this run's writer lock; False when none does
-        (a writer that died left no lock); None when there is no lock file to probe."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # closing drops a shared lock we got
-        return False
-
-    def holder(self) -> dict:
-        """What the lock file says about its last holder (pid, since); {} if unreadable."""
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
-
     def release(self) -> None:
         if self._fh is not None:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
@@ -100,3 +76,27 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def read_holder(run_dir: Path) -> dict:
+    """The note in ``<run_dir>/lock``: the last holder's pid and start ({} if unreadable)."""
+    try:
+        data = json.loads((Path(run_dir) / "lock").read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def writer_alive(run_dir: Path) -> bool:
+    """Whether a live process holds the run's writer lock (for status/watch readers)."""
+    try:
+        fd = os.open(Path(run_dir) / "lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock at once
+    return False

@@ -329,16 +329,13 @@ def run_status(store: Store) -> tuple[str, str | None]:
     """The run's status made truthful, and a note when it had to be: a run stored as
     running whose writer holds no lock died without recording its end (SIGKILL, power
     loss, a full disk); readers show it as interrupted (loop/lock.py, ``writer_alive``)."""
-    from loop.lock import RunLock
+    from loop.lock import read_holder, writer_alive
 
     stored = (store.run_row() or {}).get("status", "?")
-    if stored != "running":
-        return stored, None
-    lock = RunLock(Path(store.path).parent)
-    if lock.writer_alive() is not False:
-        return stored, None
     run_dir = Path(store.path).parent
-    pid = lock.holder().get("pid", "?")
+    if stored != "running" or writer_alive(run_dir):
+        return stored, None
+    pid = read_holder(run_dir).get("pid", "?")
     return "interrupted", (f"{run_dir}: its writer (pid {pid}) is gone without recording its "
                            f"end; `selfloop resume {run_dir}` continues it")
 
