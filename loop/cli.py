@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -66,6 +67,15 @@ class Group(click.Group):
             return super().invoke(ctx)
         except SelfloopError as e:
             _fail(e)
+        except Exception as e:  # a full disk wherever it surfaced: one line, not a traceback
+            from loop.diskfull import DiskFull, is_disk_full
+
+            if not is_disk_full(e):
+                raise
+            where = getattr(e, "filename", None)
+            folder = f"{Path(where).parent}: " if where else ""
+            _fail(DiskFull(f"{folder}no space left on the device ({e}); free space there, "
+                           "then run the command again"))
 
 
 @click.group(cls=Group)
@@ -176,7 +186,9 @@ def watch(run_dir, interval, once):
     """The live dashboard of a run, from another terminal (read-only)."""
     from loop.monitor import watch as do_watch
 
-    do_watch(run_dir, interval=interval, once=once)
+    snap = do_watch(run_dir, interval=interval, once=once)
+    if snap is not None and snap.note:  # the writer died: said on the last line; exit 1
+        sys.exit(1)
 
 
 @cli.command()

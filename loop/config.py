@@ -95,6 +95,13 @@ class JudgeQualityConfig(Strict):
     length_ratio_threshold: float = Field(1.5, gt=0)
 
 
+class RunnerConfig(Strict):
+    # A phase running longer than this fails with a message (None: no limit). It is a
+    # SIGALRM timer in the main thread, disarmed before the phase's commit
+    # (loop/interrupts.py); --set runner.phase_timeout_s=N changes it on resume.
+    phase_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
 class RunConfig(Strict):
     name: str = Field(pattern=NAME_RE)  # the run folder: <runs_dir>/<name>
     rounds: int = Field(ge=1, le=10_000)  # self-improvement rounds after round 0
@@ -112,6 +119,7 @@ class RunConfig(Strict):
     evaluators: list[EvaluatorSpec] = []
     judge_quality: JudgeQualityConfig = JudgeQualityConfig()  # length-bias warnings
     guards: GuardsConfig = GuardsConfig()  # fail a phase loudly instead of learning nothing
+    runner: RunnerConfig = RunnerConfig()  # phase_timeout_s
 
     # Where the config came from (not part of the file).
     source_file: str | None = Field(None, exclude=True)

@@ -8,6 +8,8 @@ Two kinds of hooks:
   registering the same name for the same kind is a start-up error naming both.
 - Lifecycle hooks (``run_start`` ... ``progress``) are called as a run goes. They are for
   observers (the dashboard, loggers, custom metrics); their return values are ignored.
+  Each implementation is called on its own: one that raises (``SystemExit`` included)
+  is logged as a warning event naming its plugin and never stops the run.
 
 A plugin implements hooks with ``@loop.hookimpl``. A hookimpl whose name matches no hook
 here is an error at start-up.

@@ -63,6 +63,7 @@ class Snapshot:
     # Length-bias warning thresholds ([judge_quality] in the run config).
     length_bias_threshold: float = 0.5
     length_ratio_threshold: float = 1.5
+    note: str | None = None  # set when the stored status is not the truth (a dead writer)
 
     def warnings(self) -> list[str]:
         """Length-bias warnings for the latest round with metrics."""
@@ -326,6 +327,21 @@ def open_reader(run_dir: str | Path) -> Store:
     return Store.open_readonly(path)
 
 
+def run_status(store: Store) -> tuple[str, str | None]:
+    """The run's status made truthful, and a note when it had to be: a run stored as
+    running whose writer holds no lock died without recording its end (SIGKILL, power
+    loss, a full disk); readers show it as interrupted (loop/lock.py, ``writer_alive``)."""
+    from loop.lock import read_holder, writer_alive
+
+    stored = (store.run_row() or {}).get("status", "?")
+    run_dir = Path(store.path).parent
+    if stored != "running" or writer_alive(run_dir):
+        return stored, None
+    pid = read_holder(run_dir).get("pid", "?")
+    return "interrupted", (f"{run_dir}: its writer (pid {pid}) is gone without recording its "
+                           f"end; `selfloop resume {run_dir}` continues it")
+
+
 def _epoch(iso: str | None) -> float | None:
     return datetime.fromisoformat(iso).timestamp() if iso else None
 
@@ -333,6 +349,7 @@ def _epoch(iso: str | None) -> float | None:
 def snapshot_from_store(store: Store) -> Snapshot:
     run = store.run_row() or {}
     s = Snapshot(name=run.get("name", ""), rounds=run.get("rounds", 0), status=run.get("status", "?"))
+    s.status, s.note = run_status(store)
     try:
         quality = json.loads(run.get("config") or "{}").get("judge_quality") or {}
     except ValueError:
@@ -351,24 +368,31 @@ def snapshot_from_store(store: Store) -> Snapshot:
     return s
 
 
-def watch(run_dir: str | Path, interval: float = 1.0, once: bool = False, console: Console | None = None):
+def watch(run_dir: str | Path, interval: float = 1.0, once: bool = False,
+          console: Console | None = None) -> Snapshot | None:
+    """Redraw until the run is no longer running (or its writer died); the last snapshot."""
     console = console or Console()
     store = open_reader(run_dir)
+    snap = None
     try:
         if once:
-            console.print(render(snapshot_from_store(store)))
-            return
-        with Live(console=console, refresh_per_second=4) as live:
-            while True:
-                snap = snapshot_from_store(store)
-                live.update(render(snap))
-                if snap.status != "running":
-                    break
-                time.sleep(interval)
+            snap = snapshot_from_store(store)
+            console.print(render(snap))
+        else:
+            with Live(console=console, refresh_per_second=4) as live:
+                while True:
+                    snap = snapshot_from_store(store)
+                    live.update(render(snap))
+                    if snap.status != "running":
+                        break
+                    time.sleep(interval)
     except KeyboardInterrupt:
         pass
     finally:
         store.close()
+    if snap is not None and snap.note:
+        console.print(escape(snap.note))
+    return snap
 
 
 def status_data(store: Store) -> dict:
@@ -379,11 +403,19 @@ def status_data(store: Store) -> dict:
             "status": p["status"], "seconds": p["seconds"], "attempt": p["attempt"],
             "done": p["done"], "total": p["total"], "error": p["error"],
         }
+    status, note = run_status(store)
+    if note:  # the dead writer's running phase did not finish either
+        for by_phase in phases.values():
+            for ph in by_phase.values():
+                if ph["status"] == "running":
+                    ph["status"] = "interrupted"
     rounds = {r["round"]: r for r in store.rounds()}
     metrics = store.metrics()
     return {
         "name": run.get("name"),
-        "status": run.get("status"),
+        "status": status,
+        "stored_status": run.get("status"),
+        "note": note,
         "rounds": run.get("rounds"),
         "per_round": [
             {
@@ -431,6 +463,8 @@ def status_table(data: dict) -> Group:
     if failed:
         r, p, err = failed[-1]
         t.caption = escape(f"round {r} {p} failed: {err}")
+    if data.get("note"):
+        t.caption = escape(data["note"])
     m = Table(title="key metrics", title_justify="left")
     m.add_column("round", justify="right")
     for _, label in KEY_METRICS:

@@ -248,6 +248,29 @@ def registry() -> Registry:
     return reg
 
 
+def call_each(hook_name: str, kwargs: dict, passthrough: tuple = ()) -> list[tuple[str, BaseException]]:
+    """Call every implementation of an observer hook, one at a time, in pluggy's order.
+
+    One that raises (anything but ``passthrough``) does not stop the others: the
+    result lists ``(plugin name, exception)`` for each that did, for the runner to log.
+    Hook wrappers are not run on observer hooks.
+    """
+    caller = getattr(get_manager().hook, hook_name)
+    failures = []
+    for impl in reversed(caller.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        if os.environ.get("SELFLOOP_TRACE_PLUGINS"):
+            print(f"[selfloop plugin trace] {hook_name} -> [{impl.plugin_name}]", file=sys.stderr)
+        try:
+            impl.function(*[kwargs[a] for a in impl.argnames])
+        except passthrough:
+            raise
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: observers never stop a run
+            failures.append((impl.plugin_name, e))
+    return failures
+
+
 def plugin_hooks() -> list[dict]:
     """For ``selfloop plugins``: every plugin, its hooks and what it registers."""
     pm = get_manager()

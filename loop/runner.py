@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -25,9 +24,12 @@ from typing import Callable
 
 from loop import components as c
 from loop import guards, heldout, judge_quality, plugins
+from loop.blame import ComponentFailed, blame, check_result, describe
 from loop.config import RunConfig
 from loop.context import Context
+from loop.diskfull import DiskFull, Reserve, disk_full, is_disk_full
 from loop.errors import PhaseFailed, SelfloopError, UserError
+from loop.interrupts import Interrupts, PhaseTimeout, StopNow
 from loop.lock import RunLock
 from loop.runs import (  # noqa: F401 - re-exported: loop.runner is the entry point
     CONFIG_FILE,
@@ -49,7 +51,16 @@ PHASES = ("propose", "optimise", "generate", "judge", "select", "update", "evalu
 
 
 class Interrupted(SelfloopError):
+    """The run stopped on a signal; exit code 128 + the signal's number (130 for Ctrl-C)."""
+
     exit_code = 130
+
+    def __init__(self, message: str = "", signal_name: str | None = None):
+        import signal
+
+        if signal_name:
+            self.exit_code = 128 + int(signal.Signals[signal_name])
+        super().__init__(message)
 
 
 @dataclass
@@ -85,8 +96,9 @@ class Runner:
         self.info: RunInfo | None = None
         self._policy = None
         self._set_up: set[int] = set()
-        self._current: c.Component | None = None  # the component running now, for errors
-        self._stop_requested = False
+        self.interrupts = Interrupts(on_first=self._on_stop_signal)
+        self.reserve = Reserve(self.run_dir)
+        self._observer_failures: set[tuple[str, str]] = set()
         self._progress_interval = progress_interval
         self._last_progress_write = 0.0
         self._heldout = heldout.Index()
@@ -105,31 +117,42 @@ class Runner:
 
     # -- signals -----------------------------------------------------------------
 
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested:
-            raise KeyboardInterrupt
-        self._stop_requested = True
+    def _on_stop_signal(self, name: str) -> None:
+        # Inside a signal handler: tell observers only; the database may be mid-write.
+        key = "Ctrl-C" if name == "SIGINT" else name
         self._emit(None, None, "warning",
-                   "Ctrl-C: stopping after the current phase (Ctrl-C again to stop now; "
+                   f"{key}: stopping after the current phase ({key} again to stop now; "
                    "the phase is then re-run on resume)", store=False)
+
+    def _interrupted(self) -> Interrupted:
+        name = self.interrupts.requested or "SIGINT"
+        how = "Ctrl-C" if name == "SIGINT" else name
+        return Interrupted(f"stopped by {how}; `selfloop resume {self.run_dir}` continues "
+                           "where it stopped", signal_name=name)
 
     # -- entry point ---------------------------------------------------------------
 
     def run(self) -> str:
         # Runs never download: a model must be a local folder or already in the hub cache.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.lock.acquire()
-        old_handler = None
         try:
+            return self._run()
+        except BaseException as e:
+            if is_disk_full(e) and not isinstance(e, DiskFull):
+                raise disk_full(self.run_dir, "writing the run",
+                                f"`selfloop resume {self.run_dir}` continues it") from e
+            raise
+
+    def _run(self) -> str:
+        self.lock.acquire()
+        try:
+            self.reserve.make()
             self.store = Store.open(self.run_dir / DB_FILE)
             self.info = RunInfo(self.config.name, self.run_dir, self.config, self.config.rounds,
                                 self.resumed, self.store, self.model_path)
-            try:
-                old_handler = signal.signal(signal.SIGINT, self._on_sigint)
-            except ValueError:  # not the main thread
-                old_handler = None
+            self.interrupts.install()
             self.store.set_run(status="running")
-            self.hook.run_start(run=self.info)
+            self._notify("run_start")
             if self.resumed:
                 self._emit(None, None, "info", f"resumed (pid {os.getpid()})")
             status = "failed"
@@ -140,37 +163,48 @@ class Runner:
                 status = "completed"
             except (KeyboardInterrupt, Interrupted):
                 status = "interrupted"
-                raise Interrupted(
-                    f"stopped; `selfloop resume {self.run_dir}` continues where it stopped"
-                ) from None
+                raise self._interrupted() from None
+            except BaseException as e:
+                if is_disk_full(e):
+                    self.reserve.release()  # room to record how the run ended
+                raise
             finally:
-                self.store.set_run(status=status)
-                self.hook.run_end(run=self.info, status=status)
+                self._end_run(status)
             return status
         finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+            self.interrupts.restore()
             for comp in self.comps.all():
                 try:
                     comp.close()
-                except Exception:  # closing must not hide the real outcome
+                except (Exception, SystemExit):  # closing must not hide the real outcome
                     pass
             if self.store is not None:
                 self.store.close()
+            self.reserve.release()
             self.lock.release()
+
+    def _end_run(self, status: str) -> None:
+        try:
+            self.store.set_run(status=status)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            # Not even the reserve's room: the row keeps "running", and readers, who find
+            # no live writer, show the run as interrupted.
+        self._notify("run_end", status=status)
 
     def _round(self, r: int) -> None:
         row = self.store.round_row(r)
         if row is not None and row["status"] == "done":
             return
-        self.hook.round_start(run=self.info, round=r)
+        self._notify("round_start", round=r)
         t0 = time.monotonic()
         phases = ("evaluate",) if r == 0 else PHASES
         for phase in phases:
-            if self._stop_requested:
-                raise Interrupted()
+            if self.interrupts.requested:
+                raise self._interrupted()
             self._phase(r, phase, t0)
-        self.hook.round_end(run=self.info, round=r, metrics=self.store.metrics(r))
+        self._notify("round_end", round=r, metrics=self.store.metrics(r))
 
     # -- one phase -----------------------------------------------------------------
 
@@ -212,14 +246,17 @@ class Runner:
         if attempt > 1:
             self._emit(r, phase, "info", f"re-running {phase} from scratch (attempt {attempt})")
         t0 = time.monotonic()
-        self._current = None
         try:
-            # Inside the try: an observer that raises fails the phase cleanly instead of
-            # leaving it marked running.
-            self.hook.phase_start(run=self.info, round=r, phase=phase)
+            self._notify("phase_start", round=r, phase=phase)
             ctx = self._context(r, phase)
             _seed_everything(ctx.seed)
-            write = getattr(self, f"_do_{phase}")(ctx)
+            # The deadline covers the phase's work, never its commit (loop/interrupts.py).
+            self.interrupts.arm(self.config.runner.phase_timeout_s)
+            try:
+                write = getattr(self, f"_do_{phase}")(ctx)
+                self.interrupts.check()
+            finally:
+                self.interrupts.disarm()
             seconds = time.monotonic() - t0
             with self.store.transaction() as db:
                 write(db)
@@ -231,53 +268,99 @@ class Runner:
                     policy = (row["policy"] or ctx.policy_label) if r else "base"
                     self.store.end_round(db, r, policy, row["adapter"] if r else None,
                                          time.monotonic() - round_t0)
-        except (KeyboardInterrupt, Interrupted):
-            self._end_failed(r, phase, t0, "interrupted", "interrupted by the user", None)
-            raise
-        except UserError as e:
-            plugin = getattr(self._current, "plugin", None)
-            self._end_failed(r, phase, t0, "failed", str(e), plugin, traceback.format_exc())
-            raise
-        except PhaseFailed as e:
-            self._end_failed(r, phase, t0, "failed", str(e), e.plugin, traceback.format_exc())
-            raise
-        except Exception as e:
-            comp = self._current
-            plugin = getattr(comp, "plugin", None)
-            who = f"{comp.kind} {comp.label!r} (plugin {plugin})" if comp is not None else "the runner"
-            message = f"{phase} failed in {who}: {type(e).__name__}: {e}"
-            self._end_failed(r, phase, t0, "failed", message, plugin, traceback.format_exc())
-            raise PhaseFailed(
-                f"round {r} {message}. The traceback is in the events table; "
-                f"`selfloop resume {self.run_dir}` retries the phase",
-                plugin=plugin,
-            ) from e
-        self.hook.phase_end(run=self.info, round=r, phase=phase, status="done",
-                            seconds=time.monotonic() - t0)
+        except BaseException as e:
+            err = self._phase_failed(r, phase, t0, e)
+            if err is e:
+                raise
+            raise err from e
+        self._notify("phase_end", round=r, phase=phase, status="done",
+                     seconds=time.monotonic() - t0)
+
+    def _phase_failed(self, r: int, phase: str, t0: float, e: BaseException) -> BaseException:
+        """Record why a phase stopped (naming the component that ran); what to raise."""
+        tb = "".join(traceback.format_exception(e))
+        resume = f"`selfloop resume {self.run_dir}`"
+        if is_disk_full(e):
+            self.reserve.release()  # room to record it
+            err = disk_full(self.run_dir, f"round {r} {phase}", f"{resume} re-runs the phase")
+            self._end_failed(r, phase, t0, "failed", str(err), None, tb)
+            return err
+        if isinstance(e, (KeyboardInterrupt, Interrupted)):  # the runner's own stop
+            how = self.interrupts.requested or "SIGINT"
+            self._end_failed(r, phase, t0, "interrupted",
+                             f"interrupted by {'Ctrl-C' if how == 'SIGINT' else how}", None)
+            return e
+        failed = e if isinstance(e, ComponentFailed) else None
+        cause = failed.error if failed else e
+        plugin = getattr(cause, "plugin", None) or (failed.plugin if failed else None)
+        where = f"{failed.who}, {failed.what}" if failed else "the runner"
+        if isinstance(cause, (UserError, PhaseFailed)):  # a message written for the user
+            self._end_failed(r, phase, t0, "failed", str(cause), plugin, tb)
+            if isinstance(cause, PhaseFailed):
+                cause.plugin = plugin
+            return cause
+        if isinstance(cause, PhaseTimeout):
+            message = (f"{phase} failed in {where}: it {cause}; raise the limit "
+                       f"(--set runner.phase_timeout_s=SECONDS on resume) or find what hangs")
+        else:
+            message = f"{phase} failed in {where}: {describe(cause)}"
+        self._end_failed(r, phase, t0, "failed", message, plugin, tb)
+        return PhaseFailed(f"round {r} {message}. The traceback is in the events table; "
+                           f"{resume} retries the phase", plugin=plugin)
 
     def _end_failed(self, r, phase, t0, status, message, plugin, tb=None):
         seconds = time.monotonic() - t0
-        with self.store.transaction() as db:
-            self.store.end_phase(db, r, phase, status, seconds, message, plugin)
-        self._emit(r, phase, "error" if status == "failed" else "warning", message,
-                   {"traceback": tb} if tb else None, plugin=plugin)
-        self.hook.phase_end(run=self.info, round=r, phase=phase, status=status, seconds=seconds)
+        try:
+            with self.store.transaction() as db:
+                self.store.end_phase(db, r, phase, status, seconds, message, plugin)
+            self._emit(r, phase, "error" if status == "failed" else "warning", message,
+                       {"traceback": tb} if tb else None, plugin=plugin)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            # The disk is full even after the reserve: the phase row keeps "running" and
+            # readers, who find no live writer, show it as interrupted.
+        self._notify("phase_end", round=r, phase=phase, status=status, seconds=seconds)
 
     def _call(self, comp: c.Component, method: str, ctx: Context, *args, **kwargs):
-        """Call a component, remembering it so a failure names its plugin."""
-        self._current = comp
-        if id(comp) not in self._set_up:
-            comp.setup(ctx)
-            self._set_up.add(id(comp))
-        result = getattr(comp, method)(ctx, *args, **kwargs)
-        self._current = None
+        """Call a component (its setup first, once); what escapes it, or a result of the
+        wrong type, is that component's failure (loop/blame.py)."""
+        with blame(comp, f"in {method}()"):
+            if id(comp) not in self._set_up:
+                comp.setup(ctx)
+                self._set_up.add(id(comp))
+            result = getattr(comp, method)(ctx, *args, **kwargs)
+            check_result(method, result)
         return result
 
     # -- observers -----------------------------------------------------------------
 
+    def _notify(self, hook: str, **kwargs) -> None:
+        """Call an observer hook's implementations one by one: one that raises is logged
+        as an event naming its plugin (once per plugin and hook) and never stops the run."""
+        kwargs["run"] = self.info
+        failures = plugins.call_each(hook, kwargs, passthrough=(StopNow, PhaseTimeout))
+        for plugin, e in failures:
+            if (plugin, hook) in self._observer_failures:
+                continue
+            self._observer_failures.add((plugin, hook))
+            message = (f"observer plugin {plugin} raised in {hook}: {describe(e)} (the run "
+                       "goes on; later failures of this hook are not logged)")
+            data = {"traceback": "".join(traceback.format_exception(e)), "hook": hook}
+            if self.store is not None:
+                try:
+                    self.store.add_event(kwargs.get("round"), kwargs.get("phase"), "warning",
+                                         message, plugin, data)
+                except Exception as err:
+                    if not is_disk_full(err):
+                        raise
+            if hook != "event":  # (no loop: an event observer's failure is only stored)
+                self._notify("event", round=kwargs.get("round"), phase=kwargs.get("phase"),
+                             level="warning", message=message, data=data)
+
     def _progress(self, r, phase, done, total, metrics):
-        self.hook.progress(run=self.info, round=r, phase=phase, done=done, total=total,
-                           metrics=metrics)
+        self.interrupts.check()
+        self._notify("progress", round=r, phase=phase, done=done, total=total, metrics=metrics)
         now = time.monotonic()
         if now - self._last_progress_write >= self._progress_interval or (total and done >= total):
             self._last_progress_write = now
@@ -286,8 +369,8 @@ class Runner:
     def _emit(self, r, phase, level, message, data=None, *, plugin=None, store=True):
         if store and self.store is not None:
             self.store.add_event(r, phase, level, message, plugin, data)
-        self.hook.event(run=self.info, round=r, phase=phase, level=level, message=message,
-                        data=data or {})
+        self._notify("event", round=r, phase=phase, level=level, message=message,
+                     data=data or {})
 
     # -- the seven phases: each returns a writer run inside the commit transaction --
 
@@ -356,13 +439,12 @@ class Runner:
         sampling = c.Sampling(n=g.n, temperature=g.temperature, top_p=g.top_p,
                               max_new_tokens=g.max_new_tokens, seed=ctx.seed)
         outs = self._call(self.comps.generator, "generate", ctx, chats, sampling, adapter=ctx.adapter)
-        self._current = self.comps.generator  # a malformed result is the generator's fault
-        if len(outs) != len(prompts) or any(len(o) != g.n for o in outs):
-            raise RuntimeError(
-                f"generator returned {len(outs)} lists for {len(prompts)} prompts "
-                f"(each must hold n={g.n} completions)"
-            )
-        self._current = None
+        with blame(self.comps.generator, "in generate()"):
+            if len(outs) != len(prompts) or any(len(o) != g.n for o in outs):
+                raise ValueError(
+                    f"generate() returned {len(outs)} lists for {len(prompts)} prompts "
+                    f"(each must hold n={g.n} completions)"
+                )
         cands = [
             c.Candidate(prompt=p, text=o.text, policy=ctx.policy_label, sample_index=i,
                         num_tokens=o.num_tokens, finish_reason=o.finish_reason,
@@ -517,14 +599,15 @@ class Runner:
             policy, adapter_rel = ctx.policy_label, (str(Path(prev).relative_to(self.run_dir)) if prev else None)
         else:
             gen = self.comps.generator
-            self._call_plain(gen, "release", ctx)
+            with blame(gen, "in release()"):
+                gen.release(ctx)
             try:
                 result = self._call(self.comps.updater, "update", ctx, selection, str(tmp))
             finally:
-                self._call_plain(gen, "reclaim", ctx)
-            self._current = self.comps.updater
-            install_adapter(str(tmp), str(final))
-            self._current = None
+                with blame(gen, "in reclaim()"):
+                    gen.reclaim(ctx)
+            with blame(self.comps.updater, "installing the adapter it wrote"):
+                install_adapter(str(tmp), str(final))
             policy, adapter_rel = f"round-{ctx.round}", str(final.relative_to(self.run_dir))
         metrics = dict(result.metrics)
         metrics["train/steps"] = len(result.steps)
@@ -538,18 +621,14 @@ class Runner:
 
         return write
 
-    def _call_plain(self, comp, method, ctx):
-        self._current = comp
-        getattr(comp, method)(ctx)
-        self._current = None
-
     def _do_evaluate(self, ctx: Context) -> Callable:
         metrics: dict[str, float] = {}
         for ev in self.comps.evaluators:
             out = self._call(ev, "evaluate", ctx)
-            bad = [k for k in out if "/" not in k]
-            if bad:
-                raise RuntimeError(f"metric names must be group/name, got {bad}")
+            with blame(ev, "in evaluate()"):
+                bad = [k for k in out if "/" not in k]
+                if bad:
+                    raise ValueError(f"metric names must be group/name, got {bad}")
             metrics.update(out)
 
         def write(db):
@@ -581,7 +660,13 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
     # Before the model: a builder may take minutes, and it writes its cache under runs_dir.
     _refuse_existing(config, replace)
     model_path = resolve_model_path(config, comps)
-    run_dir = create_run(config, comps, model_path, version, replace=replace)
+    try:
+        run_dir = create_run(config, comps, model_path, version, replace=replace)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full(Path(config.runs_dir), f"creating the run folder {config.name}",
+                        "run the command again (nothing was created)") from e
     return Runner(run_dir, config, comps, model_path, resumed=False)
 
 

@@ -92,7 +92,12 @@ class Store:
                 self.conn.execute("ROLLBACK")
             raise
         else:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:  # a full disk can fail the commit: leave no open transaction
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
 
     # -- run and rounds ----------------------------------------------------------
 

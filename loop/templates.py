@@ -4,6 +4,12 @@ A template is named either by a built-in name (``"self_reward"`` is
 ``prompts/self_reward.j2``) or by a path to a ``.j2`` file, relative to the config file.
 Loading checks that the template uses every variable the caller will pass (``required``)
 and no other, so a typo in a template is a start-up error, not a silent empty string.
+
+Templates come from files a user may download, so they are rendered in jinja2's
+``ImmutableSandboxedEnvironment``: no attribute starting with ``_`` (the
+``__class__.__mro__`` road to ``os.system``), no mutation of the values passed in. A
+template that names such an attribute is refused when it is loaded; anything the sandbox
+still catches while rendering is a ``UserError`` naming the file.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
-from jinja2 import meta
+from jinja2 import meta, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from loop.errors import UserError
 
@@ -23,11 +31,13 @@ class Template:
     def __init__(self, path: Path, source: str, required: frozenset[str]):
         self.path = path
         self.source = source
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined,
+                                            keep_trailing_newline=False)
         try:
             ast = env.parse(source)
         except jinja2.TemplateSyntaxError as e:
             raise UserError(f"{path}:{e.lineno}: template syntax error: {e.message}") from e
+        _refuse_private_names(path, ast)
         used = meta.find_undeclared_variables(ast)
         missing = required - used
         unknown = used - required
@@ -45,7 +55,28 @@ class Template:
         self._template = env.from_string(source)
 
     def render(self, **values: object) -> str:
-        return self._template.render(**values)
+        try:
+            return self._template.render(**values)
+        except SecurityError as e:
+            raise UserError(f"{self.path}: the template sandbox refused it: {e} Templates may "
+                            "only read the values they are given; remove that expression") from None
+
+
+def _refuse_private_names(path: Path, ast: nodes.Template) -> None:
+    """Refuse ``x.__class__``, ``x['__globals__']`` and ``x|attr('_y')`` at load time."""
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem):
+            name = node.arg.value if isinstance(node.arg, nodes.Const) else None
+        else:
+            name = node.args[0].value if (node.name == "attr" and node.args and
+                                          isinstance(node.args[0], nodes.Const)) else None
+        if isinstance(name, str) and name.startswith("_"):
+            raise UserError(
+                f"{path}:{node.lineno}: template reaches for the Python internal {name!r}, "
+                "which the template sandbox refuses (a road to running code); templates may "
+                "only read the values they are given: remove it")
 
 
 def resolve_template_path(name: str, base: Path | None = None) -> Path:

@@ -339,3 +339,164 @@ def test_remote_judge_on_a_vllm_server(vllm_server, monkeypatch):
     res = judge.judge(make_context(phase="judge"), candidates(1))
     assert all(j.score is None and j.error.startswith("request failed: HTTP 401")
                for j in res.judgments)
+
+
+# ---------------------------------------------------------------------------
+# Hostile servers: redirects, echoed keys, cut connections, trickles, huge replies
+# ---------------------------------------------------------------------------
+
+
+class RawServer:
+    """A loopback socket server: reads each request whole, then hands the connection to
+    ``respond(conn, request_bytes)``, which writes whatever raw bytes it likes."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.requests: list[bytes] = []
+        self.sent: list[int] = []  # bytes written per connection before it ended
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.requests.append(head + b"\r\n\r\n" + body)
+            counter = [0]
+
+            def send(raw: bytes):
+                conn.sendall(raw)
+                counter[0] += len(raw)
+
+            try:
+                self.respond(send, head)
+            except OSError:  # the client hung up
+                pass
+            self.sent.append(counter[0])
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def completion(text: str) -> bytes:
+    return json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": text}}]}).encode()
+
+
+def http_reply(code: int, body: bytes, extra: str = "", length: bool = True) -> bytes:
+    head = f"HTTP/1.1 {code} X\r\nContent-Type: application/json\r\n{extra}"
+    if length:
+        head += f"Content-Length: {len(body)}\r\n"
+    return (head + "Connection: close\r\n\r\n").encode() + body
+
+
+def keyed_judge(monkeypatch, url, **options) -> RemoteJudge:
+    monkeypatch.setenv("SELFLOOP_TEST_JUDGE_KEY", KEY)
+    return judge_with(url, api_key_env="SELFLOOP_TEST_JUDGE_KEY", **options)
+
+
+def test_a_redirect_to_another_origin_is_not_followed_and_gets_no_key(monkeypatch):
+    with ScriptedServer([("ok", "Score: 5")]) as elsewhere:
+        target = elsewhere.url + "/chat/completions"
+        with RawServer(lambda send, head: send(http_reply(302, b"", f"Location: {target}\r\n"))) as server:
+            res = keyed_judge(monkeypatch, server.url, retries=2).judge(
+                make_context(phase="judge"), candidates(1))
+    assert elsewhere.requests == []  # the other host never heard from us: no key, no score
+    (j,) = res.judgments
+    assert j.score is None and j.meta["attempts"] == 1  # not retried either
+    assert j.error == (f"request failed: HTTP 302: redirect to {target} not followed "
+                       f"(credentials go only to http://127.0.0.1:{server.url.split(':')[2].split('/')[0]}); "
+                       "set the url to the final address")
+    assert f"Bearer {KEY}".encode() in server.requests[0]  # the configured origin got the key
+
+
+def test_an_error_body_echoing_the_key_is_redacted(monkeypatch):
+    def echo_401(send, head):
+        auth = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"authorization"))
+        send(http_reply(401, b'{"error": "bad credentials: ' + auth + b'"}'))
+
+    with RawServer(echo_401) as server:
+        res = keyed_judge(monkeypatch, server.url).judge(make_context(phase="judge"), candidates(1))
+    (j,) = res.judgments
+    assert KEY not in j.error and KEY not in j.raw
+    assert j.error == 'request failed: HTTP 401: {"error": "bad credentials: Authorization: Bearer [redacted]"}'
+    # a 200 whose content echoes the key is stored redacted too
+    with RawServer(lambda send, head: send(http_reply(200, completion(f"key {KEY}\nScore: 2")))) as server:
+        (j,) = keyed_judge(monkeypatch, server.url).judge(make_context(phase="judge"),
+                                                          candidates(1)).judgments
+    assert (j.raw, j.score) == ("key [redacted]\nScore: 2", 2.0)
+
+
+def test_a_connection_closed_mid_body_is_a_recorded_failure_per_request():
+    body = completion("Fine.\nScore: 4")
+    calls = []
+
+    def cut(send, head):
+        calls.append(1)
+        if len(calls) % 2:  # every other request: headers promise the body, half comes
+            send(http_reply(200, body)[: -len(body) // 2])
+        else:
+            send(http_reply(200, body))
+
+    with RawServer(cut) as server:
+        res = judge_with(server.url, retries=0, samples=1).judge(make_context(phase="judge"),
+                                                                candidates(4))
+    failed = [j for j in res.judgments if j.score is None]
+    assert len(res.judgments) == 4 and len(failed) == 2
+    assert all(j.error.startswith("request failed: connection: IncompleteRead") for j in failed), [j.error for j in failed]
+    assert res.metrics["judge/request_failures"] == 2.0
+    assert sorted(j.score for j in res.judgments if j.score is not None) == [4.0, 4.0]
+
+
+def test_timeout_s_is_a_whole_request_deadline_a_trickle_cannot_stretch():
+    reply = http_reply(200, completion("Score: 3"))
+
+    def trickle(send, head):
+        for i in range(len(reply)):  # one byte every 0.3 s: ~60 s for the whole reply
+            send(reply[i:i + 1])
+            time.sleep(0.3)
+
+    with RawServer(trickle) as server:
+        res = judge_with(server.url, timeout_s=1, retries=2, backoff_s=0.01).judge(
+            make_context(phase="judge"), candidates(1))
+        deadline = time.monotonic() + 10
+        while len(server.sent) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server notices the hang-up at its next byte
+    (j,) = res.judgments
+    assert j.score is None and j.meta["attempts"] == 3
+    assert j.error == ("request failed: timed out: no complete reply within timeout_s = 1 s "
+                       "(the whole request)")
+    # each attempt was cut off long before the server could finish its reply
+    assert len(server.sent) == 3 and all(n < len(reply) // 2 for n in server.sent), server.sent
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_a_reply_over_max_response_bytes_is_a_failure_not_stored(with_length):
+    big = completion("x" * (3 << 20) + "\nScore: 5")
+    with RawServer(lambda send, head: send(http_reply(200, big, length=with_length))) as server:
+        res = judge_with(server.url, retries=2, max_response_bytes=1 << 20).judge(
+            make_context(phase="judge"), candidates(1))
+    (j,) = res.judgments
+    assert j.score is None and j.raw == "" and j.meta["attempts"] == 1
+    assert "over max_response_bytes = 1048576" in j.error and len(j.error) < 200

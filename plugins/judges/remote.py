@@ -10,34 +10,31 @@ Config::
     api_key_env = "JUDGE_API_KEY"       # the key is read from this variable, never stored
     samples = 3
     concurrency = 8                     # requests in flight
-    timeout_s = 60
+    timeout_s = 60                      # per attempt, the whole request (connect to last byte)
     retries = 3                         # extra attempts after a failure, with backoff
+    max_response_bytes = 1048576        # a longer reply is a failure, never stored
 
-Each judge sample is one request (``n = 1``, a derived ``seed``). Connection errors,
-timeouts, HTTP 408/429/5xx and malformed replies are retried after ``backoff_s * 2^k``
-seconds; when the attempts run out, the sample is a recorded failure (``score`` NULL,
-``error`` saying why), never a score. A reply that arrives is parsed by
-``plugins.judges.self_reward.parse_score``: only the judge's own final line scores.
-Standard library only (urllib + threads): no client package needed.
+Each judge sample is one request (``n = 1``, a derived ``seed``). Connection errors (a
+connection closed mid-reply included), timeouts, HTTP 408/429/5xx and malformed replies
+are retried after ``backoff_s * 2^k`` seconds; when the attempts run out, the sample is a
+recorded failure (``score`` NULL, ``error`` saying why), never a score. A reply that
+arrives is parsed by ``plugins.judges.self_reward.parse_score``: only the judge's own
+final line scores. The HTTP is loop/http_client.py's: redirects are never followed (the
+key goes only to ``url``'s origin) and the key is redacted from anything stored.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydantic import Field, model_validator
 
 import loop
+from loop.http_client import HttpClient
 from loop.templates import quote
 from plugins.judges.self_reward import parse_score
-
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -70,9 +67,12 @@ class RemoteJudge(loop.Judge):
         min_score: float = 0
         max_score: float = 5
         concurrency: int = Field(8, ge=1, le=256)  # requests in flight
-        timeout_s: float = Field(60.0, gt=0)  # per attempt
+        # per attempt, a deadline for the whole request: connect, send, headers, body
+        timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
         retries: int = Field(3, ge=0, le=20)  # extra attempts after a retryable failure
-        backoff_s: float = Field(1.0, ge=0)  # wait before retry k: backoff_s * 2^k
+        backoff_s: float = Field(1.0, ge=0, allow_inf_nan=False)  # wait before retry k: backoff_s * 2^k
+        # a reply longer than this is a failure (never read whole nor stored)
+        max_response_bytes: int = Field(1 << 20, ge=1024)
 
         @model_validator(mode="after")
         def _check(self):
@@ -92,56 +92,38 @@ class RemoteJudge(loop.Judge):
 
     # -- HTTP ----------------------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.options.api_key_env:
-            key = os.environ.get(self.options.api_key_env)
+    def _client(self) -> HttpClient:
+        o = self.options
+        headers, secrets = {}, ()
+        if o.api_key_env:
+            key = os.environ.get(o.api_key_env)
             if not key:
                 raise loop.UserError(
-                    f"environment variable {self.options.api_key_env} (judge {self.label!r} "
+                    f"environment variable {o.api_key_env} (judge {self.label!r} "
                     "api_key_env) is not set; export it and resume")
             headers["Authorization"] = f"Bearer {key}"
-        return headers
+            secrets = (key, headers["Authorization"])
+        return HttpClient(o.url, timeout_s=o.timeout_s, max_response_bytes=o.max_response_bytes,
+                          headers=headers, secrets=secrets, retries=o.retries,
+                          backoff_s=o.backoff_s)
 
-    def request(self, content: str, seed: int) -> Reply:
+    def request(self, content: str, seed: int, client: HttpClient | None = None) -> Reply:
         """One chat completion, retried with exponential backoff; never raises."""
         o = self.options
-        body = json.dumps({
+        payload = {
             "model": o.model,
             "messages": [{"role": "user", "content": content}],
             "temperature": o.temperature,
             "max_tokens": o.max_tokens,
             "n": 1,
             "seed": seed,
-        }).encode()
-        url = o.url.rstrip("/") + "/chat/completions"
-        error = "no attempt"
-        for attempt in range(o.retries + 1):
-            if attempt:
-                time.sleep(o.backoff_s * 2 ** (attempt - 1))
-            retry = True
-            try:
-                req = urllib.request.Request(url, data=body, headers=self._headers(), method="POST")
-                with urllib.request.urlopen(req, timeout=o.timeout_s) as resp:
-                    data = json.loads(resp.read().decode("utf-8"))
-                choice = data["choices"][0]
-                text = choice["message"]["content"]
-                if not isinstance(text, str):
-                    raise ValueError("message content is not text")
-                return Reply(text=text, error=None, attempts=attempt + 1,
-                             finish_reason=choice.get("finish_reason"))
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode("utf-8", "replace") if e.fp else ""
-                error = f"HTTP {e.code}: {detail}".strip()
-                retry = e.code in RETRY_STATUS
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                error = f"connection: {type(reason).__name__}: {reason}"
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                error = f"malformed reply: {type(e).__name__}: {e}"
-            if not retry:
-                return Reply(text=None, error=error, attempts=attempt + 1)
-        return Reply(text=None, error=error, attempts=o.retries + 1)
+        }
+        client = client or self._client()
+        res = client.post_json("/chat/completions", payload, parse=_message)
+        if res.error is not None:
+            return Reply(text=None, error=res.error, attempts=res.attempts)
+        text, finish_reason = res.data
+        return Reply(text=text, error=None, attempts=res.attempts, finish_reason=finish_reason)
 
     # -- judging -------------------------------------------------------------------
 
@@ -152,10 +134,11 @@ class RemoteJudge(loop.Judge):
         contents = {id(c): template.render(prompt=quote(c.prompt.text), response=quote(c.text))
                     for c in candidates}
         done = 0
+        client = self._client()
 
         def run(job):
             c, i = job
-            return self.request(contents[id(c)], ctx.derive_seed(self.label, c.id, i))
+            return self.request(contents[id(c)], ctx.derive_seed(self.label, c.id, i), client)
 
         judgments = []
         with ThreadPoolExecutor(max_workers=o.concurrency) as pool:
@@ -178,6 +161,15 @@ class RemoteJudge(loop.Judge):
             "judge/retries": float(sum(j.meta["attempts"] - 1 for j in judgments)),
         }
         return loop.JudgeResult(judgments=judgments, metrics=metrics)
+
+
+def _message(data) -> tuple[str, str | None]:
+    """(content, finish_reason) of a chat completion's first choice; raises if malformed."""
+    choice = data["choices"][0]
+    text = choice["message"]["content"]
+    if not isinstance(text, str):
+        raise ValueError("message content is not text")
+    return text, choice.get("finish_reason")
 
 
 @loop.hookimpl
