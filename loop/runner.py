@@ -13,6 +13,7 @@ stored results as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -37,6 +38,7 @@ from loop.runs import (  # noqa: F401 - re-exported: loop.runner is the entry po
     _override_saved,
     _refuse_existing,
     build_components,
+    check_runs_dir,
     create_run,
     load_run_config,
     prepare,
@@ -510,6 +512,7 @@ class Runner:
             finally:
                 self._call_plain(gen, "reclaim", ctx)
             self._current = self.comps.updater
+            _check_losses(result, self.comps.updater, self.run_dir)
             install_adapter(str(tmp), str(final))
             self._current = None
             policy, adapter_rel = f"round-{ctx.round}", str(final.relative_to(self.run_dir))
@@ -545,6 +548,19 @@ class Runner:
         return write
 
 
+def _check_losses(result: c.UpdateResult, updater: c.Updater, run_dir: Path) -> None:
+    """A NaN/inf loss is a failed update (the adapter is garbage), never a stored NULL."""
+    for step in result.steps:
+        loss = step.loss
+        if loss is None or not math.isfinite(loss):
+            raise PhaseFailed(
+                f"update: updater {updater.label!r} (plugin {updater.plugin}) reported a "
+                f"non-finite loss ({loss}) at step {step.step}; the adapter is not kept. Lower "
+                f"the learning rate, e.g. `selfloop resume {run_dir} --set "
+                "updater.learning_rate=1e-5`", plugin=updater.plugin,
+            )
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     try:
@@ -566,6 +582,7 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
     """Validate, create the run folder and return a Runner (not yet running)."""
     config, comps = prepare(config_path, overrides, data=data, extra_plugins=extra_plugins)
     # Before the model: a builder may take minutes, and it writes its cache under runs_dir.
+    check_runs_dir(config)
     _refuse_existing(config, replace)
     model_path = resolve_model_path(config, comps)
     run_dir = create_run(config, comps, model_path, version, replace=replace)

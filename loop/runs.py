@@ -187,6 +187,19 @@ def create_run(config: RunConfig, comps: Components, model_path: str, version: s
     return run_dir
 
 
+def check_runs_dir(config: RunConfig) -> None:
+    """``runs_dir`` (or a folder above it) must not be a file: found before the model is built."""
+    p = Path(config.runs_dir).expanduser()
+    for folder in (p, *p.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"{str(folder)!r} is a file, not a folder; set runs_dir to a folder "
+                    "(it is created if missing)", file=config.source_file, field="runs_dir",
+                )
+            return
+
+
 def _refuse_existing(config: RunConfig, replace: bool) -> None:
     if config.run_dir.exists() and not replace:
         raise UserError(
