@@ -17,7 +17,7 @@ from pathlib import Path
 
 from loop import components as c
 from loop import plugins
-from loop.config import RunConfig, config_from_dict, load_config
+from loop.config import RunConfig, load_config
 from loop.errors import ConfigError, UserError
 from loop.store import Store
 
@@ -208,23 +208,13 @@ def _refuse_existing(config: RunConfig, replace: bool) -> None:
         )
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / CONFIG_FILE
-    if not (run_dir / DB_FILE).is_file() or not path.is_file():
-        raise UserError(
-            f"{run_dir}: not a selfloop run folder (no {DB_FILE} / {CONFIG_FILE}); give the "
-            "folder `selfloop run` made, e.g. runs/NAME"
-        )
-    data = json.loads(path.read_text())
-    return config_from_dict(data, source_dir=run_dir, label=str(path))
-
-
 # Fields a resume may not change: they define which run this is.
 FROZEN_ON_RESUME = ("name", "seed", "model", "runs_dir")
 
 
 
-def _override_saved(run_dir: Path, config: RunConfig, overrides: list[str]) -> RunConfig:
+def _override_saved(run_dir: Path, data: dict, overrides: list[str]) -> RunConfig:
+    """The stored config ``data`` with ``--set`` overrides applied and validated."""
     from loop.config import parse_override
 
     label = str(run_dir / CONFIG_FILE)
@@ -235,6 +225,6 @@ def _override_saved(run_dir: Path, config: RunConfig, overrides: list[str]) -> R
                 f"--set {text}: {keys[0]} cannot change on resume (it defines the run); "
                 "start a new run with `selfloop run` instead", file=label, field=str(keys[0]),
             )
-    data = json.loads((run_dir / CONFIG_FILE).read_text())
+    data = json.loads(json.dumps(data))  # a copy: the caller's stays as stored
     return load_config(label, overrides, data=data).model_copy(
         update={"source_dir": run_dir, "source_file": label})

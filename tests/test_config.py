@@ -250,7 +250,7 @@ def test_set_overrides_and_saved_resolved_config(tmp_path):
     assert saved["judges"] == [{"name": "fake", "weight": 1.0, "label": None, "samples": 3,
                                 "sleep": 0.0, "fail_every": 7}]
     assert saved["generator"] == {"name": "fake", "sleep": 0.0, "fail": False}
-    assert saved["updater"] == {"name": "fake", "steps": 3, "sleep": 0.0}
+    assert saved["updater"] == {"name": "fake", "steps": 3, "sleep": 0.0, "nan_at": -1}
     assert saved["generate"] == {"n": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256}
     db = run_dir / "run.db"
     assert json.loads(rows(db, "select config from runs")[0]["config"]) == saved

@@ -17,6 +17,9 @@ from tests.core_helpers import ROOT, run_inprocess, write_config
 DOC = ROOT / "docs" / "database.md"
 
 
+ALL_MIGRATIONS = ["m001_initial", "m002_instructions", "m005_adapter_files"]
+
+
 def documented_tables() -> dict[str, list[tuple[str, str]]]:
     """``{table: [(column, TYPE[ NOT NULL]), ...]}`` parsed from docs/database.md."""
     tables: dict[str, list[tuple[str, str]]] = {}
@@ -80,15 +83,15 @@ def test_wal_and_foreign_keys(store, tmp_path):
 
 def test_migrations_are_recorded_and_idempotent(store, tmp_path):
     applied = [m.name for m in mig.migrations.applied(store.db)]
-    assert applied == ["m001_initial", "m002_instructions"]
+    assert applied == ALL_MIGRATIONS
     schema = sorted(store.conn.execute("select name, sql from sqlite_master").fetchall(), key=str)
     mig.migrations.apply(store.db)  # again: nothing pending, nothing changes
     assert mig.migrations.pending(store.db) == []
     assert sorted(store.conn.execute("select name, sql from sqlite_master").fetchall(), key=str) == schema
-    assert store.rows("select count(*) n from _sqlite_migrations")[0]["n"] == 2
+    assert store.rows("select count(*) n from _sqlite_migrations")[0]["n"] == len(ALL_MIGRATIONS)
     store.close()
     again = Store.open(tmp_path / "run.db")  # re-opening an existing run: a no-op
-    assert [m.name for m in mig.migrations.applied(again.db)] == ["m001_initial", "m002_instructions"]
+    assert [m.name for m in mig.migrations.applied(again.db)] == ALL_MIGRATIONS
     again.close()
 
 
@@ -113,11 +116,11 @@ def test_upgrade_from_an_older_schema(tmp_path):
     db = sqlite_utils.Database(path)
     assert [m.name for m in newer.pending(db)] == ["m003_metric_units"]
     newer.apply(db)
-    assert [m.name for m in newer.applied(db)] == ["m001_initial", "m002_instructions", "m003_metric_units"]
+    assert [m.name for m in newer.applied(db)] == [*ALL_MIGRATIONS, "m003_metric_units"]
     assert "unit" in db["metrics"].columns_dict
     assert list(db.query("select name, value from metrics")) == [{"name": "eval/accuracy", "value": 0.5}]
     newer.apply(db)  # idempotent
-    assert len(newer.applied(db)) == 3
+    assert len(newer.applied(db)) == len(ALL_MIGRATIONS) + 1
     db.close()
 
 
@@ -192,7 +195,7 @@ def test_m001_database_gains_the_instructions_table(tmp_path):
     db.close()
     store = Store.open(path)
     try:
-        assert [m.name for m in mig.migrations.applied(store.db)] == ["m001_initial", "m002_instructions"]
+        assert [m.name for m in mig.migrations.applied(store.db)] == ALL_MIGRATIONS
         assert "instructions" in actual_tables(store.conn)
         assert store.rows("select round from rounds") == [{"round": 0}]
     finally:
