@@ -160,11 +160,14 @@ def _show(run_dir, data_fn, table_fn, as_json: bool) -> None:
     from loop.monitor import open_reader
     from rich.console import Console
 
-    store = open_reader(run_dir)
-    try:
-        data = data_fn(store)
-    finally:
-        store.close()
+    from loop.integrity import reading
+
+    with reading(run_dir):
+        store = open_reader(run_dir)
+        try:
+            data = data_fn(store)
+        finally:
+            store.close()
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -209,9 +212,14 @@ def export(run_dir, round_, output, force):
 
 
 def _export_pairs(run_dir, round_, output) -> None:
+    from loop.integrity import reading
     from loop.monitor import open_reader
 
-    store = open_reader(run_dir)
+    with reading(run_dir):
+        _write_pairs(open_reader(run_dir), round_, output)
+
+
+def _write_pairs(store, round_, output) -> None:
     try:
         sql = (
             "select p.round, pr.text as prompt, ch.text as chosen, rj.text as rejected, "

@@ -21,6 +21,7 @@ import json
 import re
 import shutil
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 
 from loop.errors import UserError
@@ -41,6 +42,17 @@ def damaged_database(path: Path, error: Exception) -> DamagedFile:
         f"{path}: the run database is damaged ({error}); restore run.db from a backup, or "
         f"salvage its rows with `sqlite3 {path} .recover | sqlite3 recovered.db`"
     )
+
+
+@contextmanager
+def reading(run_dir: Path):
+    """Around a reader's queries: a damaged run.db is one line naming it, not a traceback."""
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, (sqlite3.OperationalError, sqlite3.IntegrityError)):
+            raise  # locked, busy, readonly: not damage
+        raise damaged_database(Path(run_dir) / DB_FILE, e) from None
 
 
 def check_database(path: Path) -> None:
