@@ -142,13 +142,17 @@ def run(config, overrides, plugin_files, progress):
 @click.argument("run_dir", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Change an option for the phases still to run (not name, seed or model).")
+@click.option("--redo", metavar="round-N.PHASE", default=None,
+              help="Discard that phase of round N and everything after it, and run them again "
+                   "(e.g. round-1.update after its adapter was damaged).")
 @_plugin_option
 @_progress_option
-def resume(run_dir, overrides, plugin_files, progress):
+def resume(run_dir, overrides, redo, plugin_files, progress):
     """Continue a stopped or failed run: done phases are skipped, an interrupted one re-runs."""
     from loop import runner as r
 
-    execute(r.resume(run_dir, extra_plugins=plugin_files, overrides=list(overrides)), progress)
+    execute(r.resume(run_dir, extra_plugins=plugin_files, overrides=list(overrides), redo=redo),
+            progress)
 
 
 @cli.command()
@@ -166,11 +170,14 @@ def _show(run_dir, data_fn, table_fn, as_json: bool, width: int | None = None) -
     from loop.monitor import open_reader
     from rich.console import Console
 
-    store = open_reader(run_dir)
-    try:
-        data = data_fn(store)
-    finally:
-        store.close()
+    from loop.integrity import reading
+
+    with reading(run_dir):
+        store = open_reader(run_dir)
+        try:
+            data = data_fn(store)
+        finally:
+            store.close()
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -205,12 +212,28 @@ def report(run_dir, as_json):
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--round", "round_", type=int, default=None, help="Only this round.")
-@click.option("-o", "--output", type=click.File("w"), default="-", help="Output file (JSONL).")
-def export(run_dir, round_, output):
+@click.option("-o", "--output", default="-", show_default=True,
+              help="Output file (JSONL); never inside a run folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def export(run_dir, round_, output, force):
     """Write the selected preference pairs as JSONL (prompt, chosen, rejected, scores)."""
+    from loop.output import open_output
+
+    # Checked before the database is read (never inside a run folder, never over a file
+    # without --force), written to a temp file that is renamed into place at the end.
+    with open_output(output, force=force, protect=(run_dir,)) as output:
+        _export_pairs(run_dir, round_, output)
+
+
+def _export_pairs(run_dir, round_, output) -> None:
+    from loop.integrity import reading
     from loop.monitor import open_reader
 
-    store = open_reader(run_dir)
+    with reading(run_dir):
+        _write_pairs(open_reader(run_dir), round_, output)
+
+
+def _write_pairs(store, round_, output) -> None:
     try:
         sql = (
             "select p.round, pr.text as prompt, ch.text as chosen, rj.text as rejected, "

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from loop.config import Checked
+
 if TYPE_CHECKING:  # pragma: no cover
     from loop.context import Context
 
@@ -245,8 +247,9 @@ class Component:
     name: ClassVar[str] = ""
     plugin: ClassVar[str | None] = None  # set by the plugin manager on registration
 
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Options(Checked):
+        # Unknown keys refused; numbers finite; TOML true/false never taken as a number.
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     def __init__(self, options: BaseModel | None = None, *, label: str | None = None):
         self.options = options if options is not None else self.Options()

@@ -26,26 +26,65 @@ A minimal config::
 from __future__ import annotations
 
 import json
-import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import tomllib
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from loop.errors import ConfigError
 from loop.guards import GuardsConfig
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# A run folder is <name>, built as .<name>.creating-<pid>: well under the 255-byte limit.
+NAME_MAX = 200
+# Seeds reach random, numpy (< 2**32), torch and an SQLite integer column.
+SEED_MAX = 2**32 - 1
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _is_number_field(annotation) -> bool:
+    """int / float / Optional of them (not bool, not a union that admits bool)."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and bool not in args and all(_is_number_field(a) for a in args)
+    return False
 
 
-class ComponentSpec(BaseModel):
+class Checked(BaseModel):
+    """Base of every config section and component ``Options``: numbers are finite
+    (``inf``/``nan`` refused), and TOML ``true``/``false`` is never taken as a number."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value, info: ValidationInfo):
+        field = cls.model_fields.get(info.field_name)
+        if isinstance(value, bool) and field is not None and _is_number_field(field.annotation):
+            raise ValueError(f"{str(value).lower()} is not a number; write a number")
+        return value
+
+
+class Strict(Checked):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ComponentSpec(Checked):
     """``{name = "...", <the component's own options>}``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str = Field(min_length=1)
 
@@ -103,9 +142,9 @@ class RunnerConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = Field(pattern=NAME_RE)  # the run folder: <runs_dir>/<name>
+    name: str = Field(pattern=NAME_RE, max_length=NAME_MAX)  # the run folder: <runs_dir>/<name>
     rounds: int = Field(ge=1, le=10_000)  # self-improvement rounds after round 0
-    seed: int = Field(0, ge=0)  # every phase's seed derives from it
+    seed: int = Field(0, ge=0, le=SEED_MAX)  # every phase's seed derives from it
     runs_dir: str = "runs"  # relative to the working directory
     plugins: list[str] = []  # extra single-file plugins (paths, relative to this file)
     model: ModelConfig

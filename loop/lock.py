@@ -1,13 +1,15 @@
-"""One writer per run directory: an advisory lock on ``<run_dir>/lock``.
+"""One writer per run folder.
 
-The lock is an ``fcntl.flock`` on an open file, so the kernel releases it when the
-holder dies, SIGKILL included: a lock file left by a dead process is stale and is taken
-over. The file holds the holder's pid and start time, for the error message.
+The exclusion is an ``fcntl.flock`` on the run folder itself (its directory file
+descriptor), held for as long as the process writes. It cannot be side-stepped by
+deleting or replacing a file inside the folder, and the kernel releases it when the
+holder dies, SIGKILL included, so a run left by a dead process is simply taken over.
 
-Readers (``status``, ``watch``) tell a live writer from a dead one with ``writer_alive``:
-a non-blocking shared ``flock`` on the same file succeeds only when no process holds
-the writer's lock. The probe holds it for an instant, so ``acquire`` retries a moment
-before calling the run locked.
+``<run_dir>/lock`` is only a note for people and readers: the holder's pid and start
+time, used in the "another process is writing" message. It is replaced atomically
+(written beside, then renamed), so a ``lock`` that is a symlink is replaced, never
+written through. The writer also holds a flock on that file, for older readers that
+probe it; ``writer_alive`` asks the folder lock, which is the one that counts.
 """
 
 from __future__ import annotations
@@ -21,54 +23,71 @@ from pathlib import Path
 
 from loop.errors import RunLocked
 
+LOCK_FILE = "lock"
+# A reader's probe (``writer_alive``) holds the folder lock for microseconds: a writer
+# starting at that instant retries for this long before saying the run is busy.
+ACQUIRE_PATIENCE_S = 1.0
+
 
 class RunLock:
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "lock"
-        self._fh = None
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._dir_fd: int | None = None
+        self._file_fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._dir_fd is not None
 
     def acquire(self) -> None:
-        fh = open(self.path, "a+")
-        try:
-            for attempt in range(20):  # a reader's probe holds it for microseconds
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if attempt == 19:
-                        raise
-                    time.sleep(0.01)
-        except BlockingIOError:
-            fh.seek(0)
+        if self.held:
+            return
+        fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        deadline = time.monotonic() + ACQUIRE_PATIENCE_S
+        while True:
             try:
-                holder = json.loads(fh.read() or "{}")
-            except json.JSONDecodeError:
-                holder = {}
-            fh.close()
-            raise RunLocked(
-                f"{self.path.parent}: another selfloop process (pid {holder.get('pid', '?')}, "
-                f"since {holder.get('since', '?')}) is writing this run; wait for it to finish "
-                "or stop it, then resume"
-            ) from None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                holder = read_holder(self.run_dir)
+                raise RunLocked(
+                    f"{self.run_dir}: another selfloop process (pid {holder.get('pid', '?')}, "
+                    f"since {holder.get('since', '?')}) is writing this run; wait for it to "
+                    "finish or stop it, then resume"
+                ) from None
+        self._dir_fd = fd
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(json.dumps({"pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
-            fh.flush()
-        except OSError:  # a full disk: hold nothing, say so (loop/diskfull.py)
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            try:
-                fh.close()
-            except OSError:
-                pass
+            self._write_note()
+        except BaseException:
+            self.release()
             raise
-        self._fh = fh
+
+    def _write_note(self) -> None:
+        note = {"pid": os.getpid(),
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        tmp = self.run_dir / f".{LOCK_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(note))
+        os.replace(tmp, self.path)  # replaces a symlink itself, never its target
+        self._file_fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(self._file_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # an older selfloop probing it; the folder lock counts
+            pass
 
     def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        for name in ("_file_fd", "_dir_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(fd)
+                setattr(self, name, None)
 
     def __enter__(self):
         self.acquire()
@@ -79,9 +98,14 @@ class RunLock:
 
 
 def read_holder(run_dir: Path) -> dict:
-    """The note in ``<run_dir>/lock``: the last holder's pid and start ({} if unreadable)."""
+    """The note in ``<run_dir>/lock`` ({} if missing, unreadable, or not a regular file)."""
     try:
-        data = json.loads((Path(run_dir) / "lock").read_text() or "{}")
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return {}
+    try:
+        with os.fdopen(fd, "r") as fh:
+            data = json.loads(fh.read(4096) or "{}")
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -90,7 +114,7 @@ def read_holder(run_dir: Path) -> dict:
 def writer_alive(run_dir: Path) -> bool:
     """Whether a live process holds the run's writer lock (for status/watch readers)."""
     try:
-        fd = os.open(Path(run_dir) / "lock", os.O_RDONLY)
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return False
     try:

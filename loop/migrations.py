@@ -240,3 +240,22 @@ def m003_answers_heldout(db):
         )"""
     )
     db.execute("create index idx_heldout_evaluator on heldout(evaluator)")
+
+
+@migrations()
+def m005_adapter_files(db):
+    # Why: an adapter edited or damaged on disk (flipped bytes, a truncated copy) used to
+    # load silently and train or evaluate garbage. Each file of an adapter folder is hashed
+    # when its update installs it, in the update's commit, and checked before any phase
+    # loads the adapter; a mismatch names the file and `resume --redo round-N.update`.
+    db.execute(
+        """
+        create table adapter_files (
+            round integer not null references rounds(round),  -- the round whose update wrote it
+            adapter text not null,         -- its folder, relative to the run folder
+            file text not null,            -- a file in that folder
+            bytes integer not null,
+            sha256 text not null,
+            primary key (adapter, file)
+        )"""
+    )

@@ -186,7 +186,15 @@ class Policy:
             raise UserError(
                 f"{folder}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
             )
-        config = LoraConfig.from_pretrained(str(folder))
+        # A damaged folder is one line naming the file and the way out, not PEFT's traceback.
+        try:
+            config = LoraConfig.from_pretrained(str(folder))
+        except Exception as e:
+            raise damaged_adapter(folder / ADAPTER_CONFIG, e) from None
+        try:
+            state = load_file(str(folder / ADAPTER_WEIGHTS), device="cpu")
+        except Exception as e:
+            raise damaged_adapter(folder / ADAPTER_WEIGHTS, e) from None
         config.inference_mode = not trainable
         if self._peft is None:
             self._peft = PeftModel.from_pretrained(
@@ -198,7 +206,7 @@ class Policy:
                 self._peft.delete_adapter("default")
                 self._peft.add_adapter("default", config)
                 self._peft.set_adapter("default")
-            state = load_file(str(folder / ADAPTER_WEIGHTS), device=self.device)
+            state = {k: v.to(self.device) for k, v in state.items()}
             result = set_peft_model_state_dict(self._peft, state, adapter_name="default")
             # Every LoRA weight of the slot must come from the folder: a missing one would
             # silently keep the previous round's value.
@@ -237,6 +245,22 @@ class Policy:
             data["target_modules"] = sorted(data["target_modules"])
         cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
         _fsync_dir(out)
+
+
+def damaged_adapter(file: Path, error: Exception) -> UserError:
+    """The message for an adapter file that cannot be read, with the way to re-make it."""
+    import re
+
+    folder = file.parent
+    m = re.fullmatch(r"round-(\d+)", folder.name)
+    if m and folder.parent.name == "adapters":
+        from loop.integrity import redo_hint
+
+        fix = redo_hint(folder.parent.parent, int(m.group(1)))
+    else:
+        fix = "replace the folder with one saved by PEFT's save_pretrained"
+    return UserError(f"{file}: cannot be read as part of a PEFT adapter "
+                     f"({type(error).__name__}: {str(error)[:200]}); {fix}")
 
 
 def _lora_shape(config) -> tuple:

@@ -13,6 +13,7 @@ stored results as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 from loop import components as c
-from loop import guards, heldout, judge_quality, plugins
+from loop import guards, heldout, integrity, judge_quality, plugins
 from loop.blame import ComponentFailed, blame, check_result, describe
-from loop.config import RunConfig
+from loop.config import RunConfig, config_from_dict
 from loop.context import Context
 from loop.diskfull import DiskFull, Reserve, disk_full, is_disk_full
 from loop.errors import PhaseFailed, SelfloopError, UserError
@@ -39,8 +40,8 @@ from loop.runs import (  # noqa: F401 - re-exported: loop.runner is the entry po
     _override_saved,
     _refuse_existing,
     build_components,
+    check_runs_dir,
     create_run,
-    load_run_config,
     prepare,
     resolve_model_path,
     resolved_config,
@@ -83,7 +84,7 @@ class RunInfo:
 
 class Runner:
     def __init__(self, run_dir: Path, config: RunConfig, comps: Components, model_path: str,
-                 *, resumed: bool, progress_interval: float = 0.5):
+                 *, resumed: bool, progress_interval: float = 0.5, lock: RunLock | None = None):
         self.run_dir = Path(run_dir)
         self.config = config
         self.comps = comps
@@ -91,7 +92,7 @@ class Runner:
         self.resumed = resumed
         self.pm = plugins.get_manager()
         self.hook = self.pm.hook
-        self.lock = RunLock(self.run_dir)
+        self.lock = lock or RunLock(self.run_dir)  # resume takes it before changing anything
         self.store: Store | None = None
         self.info: RunInfo | None = None
         self._policy = None
@@ -220,6 +221,8 @@ class Runner:
         if row is None or row["policy"] is None:
             raise RuntimeError(f"round {source_round} has no policy recorded")
         adapter = row["adapter"]
+        if adapter:
+            integrity.verify_adapter(self.store, self.run_dir, adapter)  # before anyone loads it
         return (str(self.run_dir / adapter) if adapter else None), row["policy"]
 
     def _context(self, r: int, phase: str) -> Context:
@@ -607,8 +610,10 @@ class Runner:
                 with blame(gen, "in reclaim()"):
                     gen.reclaim(ctx)
             with blame(self.comps.updater, "installing the adapter it wrote"):
+                _check_losses(result, self.comps.updater, self.run_dir)
                 install_adapter(str(tmp), str(final))
             policy, adapter_rel = f"round-{ctx.round}", str(final.relative_to(self.run_dir))
+            files = integrity.hash_folder(final)
         metrics = dict(result.metrics)
         metrics["train/steps"] = len(result.steps)
 
@@ -618,6 +623,8 @@ class Runner:
             self.store.put_metrics(db, ctx.round, metrics, self.comps.updater.label, "update")
             db.execute("update rounds set policy = ?, adapter = ? where round = ?",
                        [policy, adapter_rel, ctx.round])
+            if len(selection):
+                integrity.record_adapter(db, ctx.round, adapter_rel, files)
 
         return write
 
@@ -635,6 +642,19 @@ class Runner:
             self.store.put_metrics(db, ctx.round, metrics, "evaluators", "evaluate")
 
         return write
+
+
+def _check_losses(result: c.UpdateResult, updater: c.Updater, run_dir: Path) -> None:
+    """A NaN/inf loss is a failed update (the adapter is garbage), never a stored NULL."""
+    for step in result.steps:
+        loss = step.loss
+        if loss is None or not math.isfinite(loss):
+            raise PhaseFailed(
+                f"update: updater {updater.label!r} (plugin {updater.plugin}) reported a "
+                f"non-finite loss ({loss}) at step {step.step}; the adapter is not kept. Lower "
+                f"the learning rate, e.g. `selfloop resume {run_dir} --set "
+                "updater.learning_rate=1e-5`", plugin=updater.plugin,
+            )
 
 
 def _seed_everything(seed: int) -> None:
@@ -658,6 +678,7 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
     """Validate, create the run folder and return a Runner (not yet running)."""
     config, comps = prepare(config_path, overrides, data=data, extra_plugins=extra_plugins)
     # Before the model: a builder may take minutes, and it writes its cache under runs_dir.
+    check_runs_dir(config)
     _refuse_existing(config, replace)
     model_path = resolve_model_path(config, comps)
     try:
@@ -671,36 +692,72 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
 
 
 
-def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = ()) -> Runner:
-    """Continue a run. ``overrides`` (``--set``) may change options for the phases still
+def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
+           redo: str | None = None) -> Runner:
+    """Continue a run (the caller runs the returned Runner).
+
+    The run's lock is taken first, so a refused resume changes nothing. The database's
+    copy of the config is the authority (a differing config.json is refused, see
+    loop/integrity.py). ``overrides`` (``--set``) may change options for the phases still
     to run (say, a judge's max_new_tokens after a failure); the change is saved in
-    config.json and the runs table, and logged as an event."""
+    config.json and the runs table, and logged as an event. ``redo`` (``round-N.PHASE``)
+    discards that phase and everything after it first, so they run again.
+    """
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
+    if not (run_dir / DB_FILE).is_file():
+        raise UserError(
+            f"{run_dir}: not a selfloop run folder (no {DB_FILE}); give the folder "
+            "`selfloop run` made, e.g. runs/NAME"
+        )
+    if redo is not None:
+        integrity.parse_redo(redo)  # a typo is refused before anything is touched
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        integrity.check_database(run_dir / DB_FILE)
+        writer = Store.open(run_dir / DB_FILE)
+        try:
+            runner = _resume_locked(run_dir, writer, lock, list(extra_plugins), list(overrides), redo)
+        finally:
+            writer.close()
+    except BaseException:
+        lock.release()
+        raise
+    return runner
+
+
+def _resume_locked(run_dir: Path, writer: Store, lock: RunLock, extra_plugins: list[str],
+                   overrides: list[str], redo: str | None) -> Runner:
+    row = writer.run_row()
+    if row is None:
+        raise integrity.DamagedFile(
+            f"{run_dir / DB_FILE}: holds no run (the runs table is empty); it cannot be resumed, "
+            "start it again with `selfloop run`"
+        )
+    data, rewritten = integrity.authoritative_config(run_dir, row["config"])
+    label = str(run_dir / CONFIG_FILE)
+    config = config_from_dict(data, source_dir=run_dir, label=label)
     if overrides:
-        config = _override_saved(run_dir, config, list(overrides))
+        config = _override_saved(run_dir, data, overrides)
     # The saved runs_dir may be relative to where the run started; the run folder's parent
     # is where it is now (the model cache lives there too), whatever the current folder.
     config.runs_dir = str(run_dir.resolve().parent)
     for p in extra_plugins:
         plugins.load_plugin_file(p)
     comps = build_components(config)
-    store = Store.open_readonly(run_dir / DB_FILE)
-    try:
-        model_path = (store.run_row() or {}).get("model_path")
-    finally:
-        store.close()
+    model_path = row.get("model_path")
     if not model_path or not Path(model_path).exists():
         model_path = resolve_model_path(config, comps)
+    # Everything is validated: from here on the run is changed.
+    if rewritten:
+        writer.add_event(None, None, "info", f"{CONFIG_FILE} was missing: written again from the database")
+    if redo is not None:
+        writer.add_event(None, None, "info", integrity.redo(writer, run_dir, redo), data={"redo": redo})
     if overrides:
-        data = resolved_config(config, comps)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        writer = Store.open(run_dir / DB_FILE)
-        try:
-            writer.set_run(config=json.dumps(data, sort_keys=True))
-            writer.add_event(None, None, "info", "config changed on resume: " + ", ".join(overrides),
-                             data={"overrides": list(overrides)})
-        finally:
-            writer.close()
-    return Runner(run_dir, config, comps, model_path, resumed=True)
-
+        new = resolved_config(config, comps)
+        with writer.transaction() as db:
+            db.execute("update runs set config = ? where id = 1", [json.dumps(new, sort_keys=True)])
+        integrity.write_config_file(run_dir, new)
+        writer.add_event(None, None, "info", "config changed on resume: " + ", ".join(overrides),
+                         data={"overrides": list(overrides)})
+    return Runner(run_dir, config, comps, model_path, resumed=True, lock=lock)

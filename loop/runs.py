@@ -17,7 +17,7 @@ from pathlib import Path
 
 from loop import components as c
 from loop import plugins
-from loop.config import RunConfig, config_from_dict, load_config
+from loop.config import RunConfig, load_config
 from loop.errors import ConfigError, UserError
 from loop.store import Store
 
@@ -211,6 +211,19 @@ def create_run(config: RunConfig, comps: Components, model_path: str, version: s
     return run_dir
 
 
+def check_runs_dir(config: RunConfig) -> None:
+    """``runs_dir`` (or a folder above it) must not be a file: found before the model is built."""
+    p = Path(config.runs_dir).expanduser()
+    for folder in (p, *p.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"{str(folder)!r} is a file, not a folder; set runs_dir to a folder "
+                    "(it is created if missing)", file=config.source_file, field="runs_dir",
+                )
+            return
+
+
 def _refuse_existing(config: RunConfig, replace: bool) -> None:
     if config.run_dir.exists() and not replace:
         raise UserError(
@@ -219,23 +232,13 @@ def _refuse_existing(config: RunConfig, replace: bool) -> None:
         )
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / CONFIG_FILE
-    if not (run_dir / DB_FILE).is_file() or not path.is_file():
-        raise UserError(
-            f"{run_dir}: not a selfloop run folder (no {DB_FILE} / {CONFIG_FILE}); give the "
-            "folder `selfloop run` made, e.g. runs/NAME"
-        )
-    data = json.loads(path.read_text())
-    return config_from_dict(data, source_dir=run_dir, label=str(path))
-
-
 # Fields a resume may not change: they define which run this is.
 FROZEN_ON_RESUME = ("name", "seed", "model", "runs_dir")
 
 
 
-def _override_saved(run_dir: Path, config: RunConfig, overrides: list[str]) -> RunConfig:
+def _override_saved(run_dir: Path, data: dict, overrides: list[str]) -> RunConfig:
+    """The stored config ``data`` with ``--set`` overrides applied and validated."""
     from loop.config import parse_override
 
     label = str(run_dir / CONFIG_FILE)
@@ -246,6 +249,6 @@ def _override_saved(run_dir: Path, config: RunConfig, overrides: list[str]) -> R
                 f"--set {text}: {keys[0]} cannot change on resume (it defines the run); "
                 "start a new run with `selfloop run` instead", file=label, field=str(keys[0]),
             )
-    data = json.loads((run_dir / CONFIG_FILE).read_text())
+    data = json.loads(json.dumps(data))  # a copy: the caller's stays as stored
     return load_config(label, overrides, data=data).model_copy(
         update={"source_dir": run_dir, "source_file": label})

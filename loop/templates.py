@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 import jinja2
 from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import AfterValidator, ValidationInfo
 
 from loop.errors import UserError
 
@@ -113,3 +115,28 @@ def _load(path: Path, mtime: float, required: frozenset[str]) -> Template:
 def load_template(name: str, required=frozenset(), base: Path | None = None) -> Template:
     path = resolve_template_path(name, base)
     return _load(path, path.stat().st_mtime, frozenset(required))
+
+
+def template_option(*required: str):
+    """The type of a component option naming a template that receives ``required``.
+
+    Checked when the config is validated (the file exists, parses, and uses exactly those
+    variables), not when the first round reaches it; a path is stored absolute so that a
+    resumed run finds it from its run folder::
+
+        class Options(loop.Judge.Options):
+            template: template_option("prompt", "response") = "self_reward"
+    """
+    needed = frozenset(required)
+
+    def check(value: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("source_dir")
+        try:
+            path = resolve_template_path(value, Path(base) if base is not None else None)
+            load_template(str(path), needed)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        builtin = not (value.endswith(".j2") or "/" in value)
+        return value if builtin else str(path)
+
+    return Annotated[str, AfterValidator(check)]

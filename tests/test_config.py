@@ -88,6 +88,23 @@ def model_folder_without_config(tmp: Path, runs: Path):
     return text_case(replace(BUILD, f'path = "{tmp / "model"}"'))(tmp, runs)
 
 
+def runs_dir_is_a_file(tmp: Path, runs: Path):
+    (tmp / "afile").write_text("not a folder")
+    path = tmp / "bad.toml"
+    path.write_text(fake_config(tmp / "afile"), encoding="utf-8")
+    return str(path), []
+
+
+def template_with_wrong_variables(tmp: Path, runs: Path):
+    (tmp / "rubric.j2").write_text("Rate {{ answer }}\n")
+    return text_case(replace(JUDGE, '[[judges]]\nname = "self_reward"\ntemplate = "rubric.j2"'))(tmp, runs)
+
+
+SELECTOR = '[selector]\nname = "fake_pairs"'
+UPDATER = '[updater]\nname = "fake"'
+PROMPTS = '[[prompts]]\nname = "fake"\nper_round = 5'
+EVALUATOR = '[[evaluators]]\nname = "fake"'
+
 BAD = {
     "toml-syntax": (text_case(replace("seed = 7", "seed = ")), ["TOML syntax error"], True),
     "unknown-top-level-field": (text_case(top={"bogus": 1}), ["bogus: unknown field", "known fields:"], False),
@@ -127,6 +144,28 @@ BAD = {
     "set-unknown-field": (set_case("generate.beams=2"), ["generate.beams: unknown field"], False),
     "not-utf8": (raw_case('name = "caf\u00e9"\n'.encode("latin-1")), ["bad.toml", "not UTF-8"], True),
     "run-dir-exists": (existing_run, ["already exists", "selfloop resume"], True),
+    # Issue 13 item 6: non-finite floats, zero counts, true as a number, seeds, runs_dir,
+    # templates checked at validation; item 12: a run name too long for a folder.
+    "judge-weight-inf": (text_case(judge={"weight": float("inf")}), ["judges[0].weight: input should be a finite number"], False),
+    "judge-sleep-nan": (text_case(judge={"sleep": float("nan")}), ["judges[0].sleep: input should be a finite number"], False),
+    "temperature-inf": (text_case(replace("n = 4", "n = 4\ntemperature = inf")), ["generate.temperature: input should be a finite number"], False),
+    "top-p-true": (text_case(replace("n = 4", "n = 4\ntop_p = true")), ["generate.top_p: true is not a number"], False),
+    "rounds-true": (text_case(replace("rounds = 3", "rounds = true")), ["rounds: true is not a number"], False),
+    "n-true": (text_case(replace("n = 4", "n = true")), ["generate.n: true is not a number"], False),
+    "judge-samples-true": (text_case(judge={"samples": True}), ["judges[0].samples: true is not a number"], False),
+    "updater-steps-false": (text_case(updater={"steps": False}), ["updater.steps: false is not a number"], True),
+    "set-true-as-number": (set_case("generate.max_new_tokens=true"), ["generate.max_new_tokens: true is not a number"], False),
+    "seed-2-pow-70": (text_case(replace("seed = 7", f"seed = {2**70}")), ["seed: input should be less than or equal to 4294967295"], True),
+    "seed-negative": (text_case(replace("seed = 7", "seed = -1")), ["seed: input should be greater than or equal to 0"], False),
+    "runs-dir-is-a-file": (runs_dir_is_a_file, ["runs_dir:", "afile", "is a file"], True),
+    "name-252-chars": (text_case(name="a" * 252), ["name: string should have at most 200 characters"], True),
+    "learning-rate-inf": (text_case(replace(UPDATER, '[updater]\nname = "dpo"\nlearning_rate = inf')), ["updater.learning_rate: input should be a finite number"], False),
+    "learning-rate-zero": (text_case(replace(UPDATER, '[updater]\nname = "dpo"\nlearning_rate = 0')), ["updater.learning_rate: input should be greater than 0"], False),
+    "min-margin-inf": (text_case(replace(SELECTOR, '[selector]\nname = "pairs"\nmin_margin = inf')), ["selector.min_margin: input should be a finite number"], False),
+    "heldout-zero": (text_case(replace(EVALUATOR, '[[evaluators]]\nname = "tinyworld"\nheldout = 0')), ["evaluators[0].heldout: input should be greater than or equal to 1"], False),
+    "per-round-zero": (text_case(replace(PROMPTS, '[[prompts]]\nname = "tinyworld"\nper_round = 0')), ["prompts[0].per_round: input should be greater than or equal to 1"], False),
+    "missing-template": (text_case(replace(JUDGE, '[[judges]]\nname = "self_reward"\ntemplate = "nope"')), ["judges[0].template: template 'nope' not found"], True),
+    "template-wrong-variables": (template_with_wrong_variables, ["judges[0].template:", "rubric.j2", "template never uses ['prompt', 'response']"], False),
 }
 
 
@@ -159,6 +198,43 @@ def test_at_least_twenty_bad_configs_some_in_subprocesses():
     assert len(BAD) >= 20 and sum(sub for _, _, sub in BAD.values()) >= 5
 
 
+def _numeric_fields(model, prefix=""):
+    """(dotted name, model, field, is_float) for every int/float field, nested sections too."""
+    from pydantic import BaseModel
+
+    from loop.config import _is_number_field
+
+    for name, f in model.model_fields.items():
+        if _is_number_field(f.annotation):
+            yield prefix + name, model, name, float in (f.annotation, *getattr(f.annotation, "__args__", ()))
+        elif isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            yield from _numeric_fields(f.annotation, prefix + name + ".")
+
+
+def test_every_numeric_field_refuses_true_and_non_finite():
+    """Every number in the core config and in every built-in component's Options: TOML
+    true/false is refused (not read as 1/0), inf/nan refused in floats, naming the field."""
+    from pydantic import ValidationError
+
+    from loop import plugins
+    from loop.config import RunConfig
+
+    plugins.load_plugin_file(str(FAKE_PLUGIN))
+    models = [RunConfig] + [cls.Options for kind in plugins.registry().components.values()
+                            for cls in kind.values()]
+    checked = 0
+    for model in models:
+        for dotted, owner, field, is_float in _numeric_fields(model):
+            bad = [True, False] + ([float("inf"), float("-inf"), float("nan")] if is_float else [])
+            for value in bad:
+                with pytest.raises(ValidationError) as e:
+                    owner.model_validate({field: value})
+                locs = [err["loc"] for err in e.value.errors()]
+                assert (field,) in locs, (model.__name__, dotted, value, locs)
+            checked += 1
+    assert checked >= 60, checked
+
+
 # -- good overrides and the resolved config ---------------------------------------------
 
 
@@ -174,7 +250,7 @@ def test_set_overrides_and_saved_resolved_config(tmp_path):
     assert saved["judges"] == [{"name": "fake", "weight": 1.0, "label": None, "samples": 3,
                                 "sleep": 0.0, "fail_every": 7}]
     assert saved["generator"] == {"name": "fake", "sleep": 0.0, "fail": False}
-    assert saved["updater"] == {"name": "fake", "steps": 3, "sleep": 0.0}
+    assert saved["updater"] == {"name": "fake", "steps": 3, "sleep": 0.0, "nan_at": -1}
     assert saved["generate"] == {"n": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256}
     db = run_dir / "run.db"
     assert json.loads(rows(db, "select config from runs")[0]["config"]) == saved

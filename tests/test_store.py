@@ -17,6 +17,8 @@ from tests.core_helpers import ROOT, run_inprocess, write_config
 DOC = ROOT / "docs" / "database.md"
 
 
+
+
 def documented_tables() -> dict[str, list[tuple[str, str]]]:
     """``{table: [(column, TYPE[ NOT NULL]), ...]}`` parsed from docs/database.md."""
     tables: dict[str, list[tuple[str, str]]] = {}

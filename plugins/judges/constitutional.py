@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import tomllib
 from pathlib import Path
 
+import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 import loop
-from loop.templates import PROMPTS_DIR, quote
+from loop.templates import PROMPTS_DIR, quote, template_option
 
 # ---------------------------------------------------------------------------
 # The constitution file
@@ -164,8 +164,8 @@ class ConstitutionalJudge(loop.Judge):
         critique_max_new_tokens: int = Field(256, ge=1)
         revision_max_new_tokens: int = Field(256, ge=1)
         # Templates: names in prompts/ (without .j2) or paths to .j2 files.
-        critique_template: str = "cai_critique"
-        revision_template: str = "cai_revision"
+        critique_template: template_option("prompt", "response", "request") = "cai_critique"
+        revision_template: template_option("prompt", "response", "critique", "request") = "cai_revision"
 
     def setup(self, ctx) -> None:
         self._templates(ctx)
@@ -326,7 +326,7 @@ class ConstitutionalPreferenceJudge(loop.Judge):
     class Options(_ConstitutionOptions):
         # Pairs compared per prompt (sampled from all pairs); each costs 4 log-prob rows.
         comparisons: int = Field(3, ge=1)
-        template: str = "cai_preference"  # prompt, first, second, question
+        template: template_option("prompt", "first", "second", "question") = "cai_preference"  # prompt, first, second, question
         # Chats per generator.logprobs call.
         batch_size: int = Field(64, ge=1)
 

@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 
 import loop
 from loop.http_client import HttpClient
-from loop.templates import quote
+from loop.templates import quote, template_option
 from plugins.judges.self_reward import parse_score
 
 
@@ -60,7 +60,7 @@ class RemoteJudge(loop.Judge):
         # Name of the environment variable holding the API key (None: no key sent).
         api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
         # A name in prompts/ (without .j2) or a path to a .j2 file using {prompt, response}.
-        template: str = "self_reward"
+        template: template_option("prompt", "response") = "self_reward"
         samples: int = Field(3, ge=1)  # judge samples per candidate (each one request)
         temperature: float = Field(0.7, ge=0.0)
         max_tokens: int = Field(512, ge=1)  # room for the justification and the Score line

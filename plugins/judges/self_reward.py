@@ -20,7 +20,7 @@ import re
 from pydantic import Field, model_validator
 
 import loop
-from loop.templates import quote
+from loop.templates import quote, template_option
 
 # The whole final line: "Score:", optional blanks, ASCII digits with an optional fraction.
 _SCORE_LINE = re.compile(r"Score:[ \t]*([0-9]+(?:\.[0-9]+)?)", re.ASCII)
@@ -64,7 +64,7 @@ class SelfRewardJudge(loop.Judge):
 
     class Options(loop.ModelJudgeOptions):
         # A name in prompts/ (without .j2) or a path to a .j2 file using {prompt, response}.
-        template: str = "self_reward"
+        template: template_option("prompt", "response") = "self_reward"
         # Judge samples per candidate: the paper averages 3 to reduce the judge's variance.
         samples: int = Field(3, ge=1)
         # Sampling temperature for the judge (the paper samples; 0 would make k samples equal).

@@ -42,6 +42,7 @@ from pydantic import Field
 
 import loop
 from loop.policy import install_adapter
+from loop.templates import template_option
 from plugins.updaters.sft import SFTOptions, train_sft
 
 
@@ -62,8 +63,8 @@ class BPO(loop.PromptOptimiser):
         # Fewest (original -> improved) examples to train a rewriter on.
         min_examples: int = Field(1, ge=1)
         # Templates: writing an improved prompt from a pair, and the rewriter's input.
-        template: str = "bpo_improve"
-        rewriter_template: str = "bpo_rewriter"
+        template: template_option("prompt", "chosen", "rejected") = "bpo_improve"
+        rewriter_template: template_option("prompt") = "bpo_rewriter"
         # Sampling while writing improved prompts from pairs.
         temperature: float = Field(0.7, ge=0.0)
         max_new_tokens: int = Field(128, ge=1)

@@ -39,6 +39,7 @@ from pydantic import Field
 import loop
 from loop import plugins as registry
 from loop.config import ComponentSpec
+from loop.templates import template_option
 
 _INS = re.compile(r"<INS>(.*?)(?:</INS>|$)", re.DOTALL)
 
@@ -86,7 +87,7 @@ class OPRO(loop.PromptOptimiser):
         # Another generator as the optimiser model ({name = ..., options}); None: the policy.
         generator: dict[str, Any] | None = None
         # A name in prompts/ (without .j2) or a .j2 path using {history, exemplars}.
-        template: str = "opro"
+        template: template_option("history", "exemplars") = "opro"
         # Sampling of proposals (the paper samples at 1.0 for diverse instructions).
         temperature: float = Field(1.0, ge=0.0)
         max_new_tokens: int = Field(64, ge=1)

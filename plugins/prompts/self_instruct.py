@@ -31,6 +31,7 @@ import re
 from pydantic import Field
 
 import loop
+from loop.templates import template_option
 
 _WORD = re.compile(r"\w+")
 _NUMBER = re.compile(r"^\s*\d+\s*[.)]\s*")
@@ -72,7 +73,7 @@ class SelfInstructPrompts(loop.PromptSource):
         # Prompts to start from when nothing is stored yet (round 1 of a run).
         seeds: list[str] = []
         # A name in prompts/ (without .j2) or a path to a .j2 file using {examples}.
-        template: str = "self_instruct"
+        template: template_option("examples") = "self_instruct"
         # Sampling for the writer: diverse on purpose (Self-Instruct samples at 0.7-1.0).
         temperature: float = Field(1.0, ge=0.0)
         top_p: float = Field(0.9, gt=0.0, le=1.0)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydantic import Field
+
 import loop
 from plugins.tinyworld import task
 from plugins.tinyworld.model import Recipe, build
@@ -44,7 +46,7 @@ class TinyworldPrompts(loop.PromptSource):
     name = "tinyworld"
 
     class Options(loop.PromptSource.Options):
-        per_round: int = 64  # prompts added each round
+        per_round: int = Field(64, ge=1)  # prompts added each round
         # Which held-out prompts an evaluator's `heldout = K` gets: the same seed as the
         # tinyworld evaluator's `heldout_seed`, so both measure the same prompts.
         heldout_seed: int = 1234
@@ -79,9 +81,9 @@ class TinyworldEvaluator(loop.Evaluator):
     name = "tinyworld"
 
     class Options(loop.Evaluator.Options):
-        heldout: int = 200  # held-out prompts, the same every round
-        heldout_seed: int = 1234  # which held-out prompts
-        max_new_tokens: int = 16  # enough for the longest right answer and eos
+        heldout: int = Field(200, ge=1)  # held-out prompts, the same every round
+        heldout_seed: int = Field(1234, ge=0)  # which held-out prompts
+        max_new_tokens: int = Field(16, ge=1)  # enough for the longest right answer and eos
         agreement_threshold: float = 4.5  # a judge score at least this means "right"
         agreement_judge: str | None = None  # only this judge's label (None: every judge)
 

@@ -45,7 +45,7 @@ class Recipe(ModelBuilder.Options):
     about 0.7M parameters, built in about a minute on two idle CPU cores.
     """
 
-    seed: int = Field(0, description="seeds weights, data and data order")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds weights, data and data order")
     hidden_size: int = Field(128, ge=16, description="model width")
     layers: int = Field(4, ge=1, description="transformer blocks")
     heads: int = Field(4, ge=1, description="attention heads (must divide hidden_size)")

@@ -18,16 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 import loop
+from loop.config import Checked
 from plugins.sequences import encode_prompt, encode_response, truncate
 
 
-class SFTOptions(BaseModel):
+class SFTOptions(Checked):
     """Options of one SFT run (a sub-section of the component that trains)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # A LoRA tolerates large steps; the rewriter sees few examples.
     learning_rate: float = Field(5e-4, gt=0.0)

@@ -29,7 +29,7 @@ class LoRAOptions(loop.Updater.Options):
     """Options shared by every LoRA updater (each updater's Options extends this)."""
 
     # LoRA tolerates far larger steps than full fine-tuning (which uses ~5e-7).
-    learning_rate: float = Field(5e-5, ge=0.0)
+    learning_rate: float = Field(5e-5, gt=0.0)  # 0 would learn nothing
     # Passes over the round's data (the Self-Rewarding recipe trains one per round).
     epochs: int = Field(1, ge=1)
     # If set, stop after this many optimizer steps (overrides epochs, cycling the data).
@@ -214,6 +214,8 @@ def train(
                 record.metrics["train/epoch"] = float(epoch)
                 schedule.step()
                 steps.append(record)
+                if not math.isfinite(record.loss):
+                    break  # the weights are garbage from here; the runner fails the update
                 ctx.progress(number, total, loss=record.loss)
         finally:
             if opts.gradient_checkpointing:

@@ -129,6 +129,7 @@ class FakeUpdater(loop.Updater):
     class Options(loop.Updater.Options):
         steps: int = 3
         sleep: float = 0.0  # seconds per step
+        nan_at: int = -1  # report a NaN loss at this step (-1: never)
 
     def update(self, ctx, selection, output_dir):
         out = Path(output_dir)
@@ -140,7 +141,7 @@ class FakeUpdater(loop.Updater):
         steps = []
         for s in range(self.options.steps):
             time.sleep(self.options.sleep)
-            loss = 1.0 / (1 + s + weight)
+            loss = float("nan") if s == self.options.nan_at else 1.0 / (1 + s + weight)
             steps.append(loop.TrainStep(step=s, loss=loss, learning_rate=1e-3,
                                         metrics={"rewards/margin": weight * 0.01 + s}))
             ctx.progress(s + 1, self.options.steps, loss=loss)
