@@ -311,9 +311,12 @@ class Selector(Component):
     ) -> Selection:
         """Turn scores into training data.
 
-        ``scores`` maps a candidate's id to its combined score: each judge's mean over
-        its valid samples, then the weighted mean over the judges that gave one (weights
-        from the config). Candidates without any valid score are absent. ``offered``
+        ``scores`` maps a candidate's id to its combined score (``[selection] combine``,
+        loop/combine.py): each judge's mean over its valid samples, normalised per judge,
+        then the weighted mean over the prompt's panel of judges. Candidates missing a
+        judge that scored another candidate of their prompt, or without any valid score,
+        are absent, so any two present candidates of a prompt were scored by the same
+        judges. ``offered``
         holds pairs judges proposed (a revision preferred over its original).
         """
         raise NotImplementedError

@@ -87,6 +87,14 @@ class JudgeQualityConfig(Strict):
     length_ratio_threshold: float = Field(1.5, gt=0)
 
 
+class SelectionConfig(Strict):
+    # How several judges' scores become one per candidate (see loop/combine.py): "mean"
+    # (raw weighted mean), "zscore" (per judge over the round) or "rank" (per judge within
+    # each prompt's candidates). In every method a candidate missing one of the judges
+    # that scored its prompt is left out of the comparison.
+    combine: Literal["mean", "zscore", "rank"] = "mean"
+
+
 class RunConfig(Strict):
     name: str = Field(pattern=NAME_RE)  # the run folder: <runs_dir>/<name>
     rounds: int = Field(ge=1, le=10_000)  # self-improvement rounds after round 0
@@ -103,6 +111,7 @@ class RunConfig(Strict):
     updater: ComponentSpec
     evaluators: list[ComponentSpec] = []
     judge_quality: JudgeQualityConfig = JudgeQualityConfig()  # length-bias warnings
+    selection: SelectionConfig = SelectionConfig()  # how judges' scores are combined
 
     # Where the config came from (not part of the file).
     source_file: str | None = Field(None, exclude=True)

@@ -25,6 +25,7 @@ from typing import Callable
 
 from loop import components as c
 from loop import judge_quality, plugins
+from loop.combine import combine
 from loop.config import RunConfig
 from loop.context import Context
 from loop.errors import PhaseFailed, SelfloopError, UserError
@@ -423,21 +424,17 @@ class Runner:
         return write
 
     def combined_scores(self, r: int) -> dict[int, float]:
-        """Per candidate: each judge's mean valid score, then the weighted mean over judges."""
-        per: dict[int, dict[str, list[float]]] = {}
-        for row in self.store.rows(
-            "select candidate_id, judge, score from judgments where round = ? and score is not null", [r]
-        ):
-            per.setdefault(row["candidate_id"], {}).setdefault(row["judge"], []).append(row["score"])
-        out = {}
-        for cid, by_judge in per.items():
-            num = den = 0.0
-            for judge, scores in by_judge.items():
-                w = self.comps.weights.get(judge, 1.0)
-                num += w * sum(scores) / len(scores)
-                den += w
-            out[cid] = num / den
-        return out
+        """Per eligible candidate, the judges' scores combined by ``[selection] combine``
+        (loop/combine.py: per-judge means, normalised, weighted; candidates missing a
+        judge of their prompt's panel are left out)."""
+        return self._combined(r)[0]
+
+    def _combined(self, r: int) -> tuple[dict[int, float], set[int]]:
+        rows = self.store.rows(
+            "select j.candidate_id, c.prompt_id, j.judge, j.score from judgments j "
+            "join candidates c on c.id = j.candidate_id where j.round = ?", [r])
+        return combine([(x["candidate_id"], x["prompt_id"], x["judge"], x["score"]) for x in rows],
+                       self.comps.weights, self.config.selection.combine)
 
     def _do_select(self, ctx: Context) -> Callable:
         prompts, cands = self._load_round(ctx.round)
@@ -449,9 +446,10 @@ class Runner:
             for row in self.store.rows("select * from pairs where round = ? and selected = 0 order by id",
                                        [ctx.round])
         ]
-        scores = self.combined_scores(ctx.round)
+        scores, ineligible = self._combined(ctx.round)
         sel = self._call(self.comps.selector, "select", ctx, cands, scores, offered)
         metrics = dict(sel.metrics)
+        metrics["select/ineligible"] = float(len(ineligible))
         metrics.setdefault("select/pairs", len(sel.pairs))
         metrics.setdefault("select/selected", len(sel.selected))
         if sel.pairs:
