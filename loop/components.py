@@ -177,6 +177,8 @@ class Instruction:
 class OptimiseResult:
     prompts: list[Prompt]  # the prompts generation should answer this round
     system: str | None = None  # a system instruction for the round (OPRO)
+    # Also the deployed system prompt of the round's policy: evaluators answer with it.
+    deploy: bool = True
     new_prompts: list[Prompt] = field(default_factory=list)  # rewrites to store
     metrics: dict[str, float] = field(default_factory=dict)
     instructions: list[Instruction] = field(default_factory=list)  # scored instructions to store
@@ -195,6 +197,8 @@ class TrainStep:
 class UpdateResult:
     steps: list[TrainStep] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # The policy the loss measured against ("base" | "round-<r>"); None: no reference.
+    reference: str | None = None
 
 
 @dataclass

@@ -518,8 +518,8 @@ class Runner:
             for step in result.steps:
                 self.store.insert_train_step(db, step, ctx.round)
             self.store.put_metrics(db, ctx.round, metrics, self.comps.updater.label, "update")
-            db.execute("update rounds set policy = ?, adapter = ? where round = ?",
-                       [policy, adapter_rel, ctx.round])
+            db.execute("update rounds set policy = ?, adapter = ?, reference = ? where round = ?",
+                       [policy, adapter_rel, result.reference, ctx.round])
 
         return write
 

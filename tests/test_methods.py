@@ -1,0 +1,78 @@
+"""Method details on the tiny model: KTO's mismatched pairs for its reference point, and
+the reference policy of DPO-family losses (``updater.reference``)."""
+
+from __future__ import annotations
+
+import pytest
+
+import loop
+from plugins.selectors.ranked import LabelSelector
+from plugins.updaters.dpo import DPOUpdater
+from plugins.updaters.kto import KTOUpdater, kl_partners
+
+from conftest import make_context
+from test_updaters import FAST, candidates, pairs_selection
+
+
+def test_no_kl_pair_shares_its_prompt():
+    # what the labels selector emits: each prompt's desirable and undesirable side by side
+    groups = candidates()
+    flat = [c for g in groups for c in g]
+    scores = {c.id: float(3 - c.id % 10) for c in flat}
+    sel = LabelSelector().select(None, flat, scores, [])
+    prompts = [s.candidate.prompt.text for s in sel.selected]
+    assert prompts[0] == prompts[1]  # the old shift over examples paired these two
+    partners = kl_partners(prompts)
+    assert all(prompts[i] != prompts[j] for i, j in enumerate(partners))
+    # every answer is used as someone's mismatched answer (a shift, not a resample)
+    assert sorted(partners) == list(range(len(prompts)))
+    # uneven groups too
+    uneven = ["a", "a", "a", "b", "c", "c"]
+    assert all(uneven[i] != uneven[j] for i, j in enumerate(kl_partners(uneven)))
+    assert kl_partners(["a", "a"]) is None
+
+
+def test_kto_with_one_prompt_trains_without_the_estimate(tiny_policy, tmp_path):
+    prompt = loop.Prompt(text="Say hi.", id=1)
+    rows = [loop.Selected(candidate=loop.Candidate(prompt=prompt, text=t, id=i), label=lab, group=1)
+            for i, (t, lab) in enumerate([("Hi!", "desirable"), ("no", "undesirable")])]
+    events = []
+    ctx = make_context(tiny_policy, phase="update")
+    ctx._event = lambda **kw: events.append(kw["message"])
+    result = KTOUpdater(KTOUpdater.Options(**{**FAST, "epochs": 1})).update(
+        ctx, loop.Selection(selected=rows), str(tmp_path / "a"))
+    assert result.steps and any("z0 = 0" in e for e in events)
+    assert all(s.metrics["kto/kl"] == 0 for s in result.steps)
+
+
+@pytest.mark.parametrize("reference", ["previous", "base"])
+def test_dpo_reference_policy(reference, tiny_policy, tmp_path):
+    """Round 2 continues round 1's adapter. Against the previous policy the first step's
+    implicit rewards are 0 (policy = reference before any step); against the base model
+    they are not, and the result says which reference it used."""
+    opts = DPOUpdater.Options(**{**FAST, "epochs": 1}, beta=0.5)
+    first = DPOUpdater(opts).update(make_context(tiny_policy, phase="update", round=1),
+                                    pairs_selection(), str(tmp_path / "r1"))
+    assert first.reference == "base"
+    ctx = make_context(tiny_policy, phase="update", round=2, adapter=str(tmp_path / "r1"))
+    updater = DPOUpdater(opts.model_copy(update={"reference": reference}))
+    result = updater.update(ctx, pairs_selection(), str(tmp_path / "r2"))
+    step1 = result.steps[0].metrics
+    if reference == "previous":
+        assert result.reference == "round-1"
+        assert step1["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+        assert step1["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+    else:
+        assert result.reference == "base"
+        assert abs(step1["rewards/chosen"]) > 1e-3 and abs(step1["rewards/margin"]) > 1e-3
+
+
+def test_reference_is_an_option_of_reference_updaters_only():
+    assert DPOUpdater.Options(reference="base").reference == "base"
+    assert KTOUpdater.Options().reference == "previous"
+    with pytest.raises(ValueError):
+        DPOUpdater.Options(reference="initial")
+    from plugins.updaters.orpo import ORPOUpdater
+
+    with pytest.raises(ValueError):
+        ORPOUpdater.Options(reference="base")
