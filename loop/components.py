@@ -173,6 +173,20 @@ class Instruction:
     round: int | None = None
 
 
+@dataclass(eq=False)
+class RewriteDecision:
+    """A prompt optimiser's gate for one rewrite; stored in ``rewrite_decisions``."""
+
+    prompt: Prompt  # the original
+    rewrite: Prompt
+    original_score: float | None
+    rewrite_score: float | None
+    kept: bool
+    reason: str  # "better" | "not better" | "unscored" | "rewriter rejected"
+    validation: bool = False  # in the sample that decided whether the rewriter is adopted
+    optimiser: str | None = None  # filled in by the runner
+
+
 @dataclass
 class OptimiseResult:
     prompts: list[Prompt]  # the prompts generation should answer this round
@@ -182,6 +196,7 @@ class OptimiseResult:
     new_prompts: list[Prompt] = field(default_factory=list)  # rewrites to store
     metrics: dict[str, float] = field(default_factory=dict)
     instructions: list[Instruction] = field(default_factory=list)  # scored instructions to store
+    decisions: list[RewriteDecision] = field(default_factory=list)  # rewrite gates to store
 
 
 @dataclass

@@ -95,6 +95,16 @@ class SelectionConfig(Strict):
     combine: Literal["mean", "zscore", "rank"] = "mean"
 
 
+class StageSpec(Strict):
+    """``[[stages]]``: consecutive rounds trained by their own updater (and selector), e.g.
+    SL-CAI (``sft`` on revisions) then RL-CAI (``dpo`` on preferences) in one run. What a
+    stage leaves out is the top-level ``[updater]`` / ``[selector]``."""
+
+    rounds: int = Field(ge=1, le=10_000)  # consecutive rounds of this stage
+    updater: ComponentSpec | None = None
+    selector: ComponentSpec | None = None
+
+
 class RunConfig(Strict):
     name: str = Field(pattern=NAME_RE)  # the run folder: <runs_dir>/<name>
     rounds: int = Field(ge=1, le=10_000)  # self-improvement rounds after round 0
@@ -108,7 +118,8 @@ class RunConfig(Strict):
     optimisers: list[ComponentSpec] = []  # prompt optimisers, applied in order
     judges: list[JudgeSpec] = Field(min_length=1)
     selector: ComponentSpec = ComponentSpec(name="pairs")
-    updater: ComponentSpec
+    updater: ComponentSpec | None = None  # required unless every [[stages]] entry names one
+    stages: list[StageSpec] = []  # per-round updater / selector choice (docs/methods.md)
     evaluators: list[ComponentSpec] = []
     judge_quality: JudgeQualityConfig = JudgeQualityConfig()  # length-bias warnings
     selection: SelectionConfig = SelectionConfig()  # how judges' scores are combined
@@ -116,6 +127,20 @@ class RunConfig(Strict):
     # Where the config came from (not part of the file).
     source_file: str | None = Field(None, exclude=True)
     source_dir: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _stages_cover_the_rounds(self):
+        if self.updater is None and (not self.stages or any(s.updater is None for s in self.stages)):
+            raise ValueError(
+                "updater: required field is missing; add an [updater] section (or an updater "
+                "in every [[stages]] entry)"
+            )
+        if self.stages and sum(s.rounds for s in self.stages) != self.rounds:
+            raise ValueError(
+                f"stages: their rounds add up to {sum(s.rounds for s in self.stages)} but the run "
+                f"has rounds = {self.rounds}; make them equal"
+            )
+        return self
 
     @model_validator(mode="after")
     def _labels_unique(self):

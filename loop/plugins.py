@@ -47,6 +47,7 @@ BUILTINS = (
     "plugins.updaters.raft",
     "plugins.updaters.ranked",
     "plugins.updaters.kto",
+    "plugins.updaters.sft",
     "plugins.tinyworld",
 )
 

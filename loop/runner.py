@@ -189,19 +189,34 @@ class Runner:
     def _context(self, r: int, phase: str) -> Context:
         adapter, label = self._adapter_for(r, phase)
         system = None
-        if r > 0 and phase not in ("propose", "optimise"):
+        if phase == "evaluate":
+            # The policy as deployed: with the system prompt an optimiser deployed this round.
+            system = (self.store.round_row(r) or {}).get("system")
+        elif r > 0 and phase not in ("propose", "optimise"):
             rows = self.store.rows(
                 "select system from round_prompts where round = ? and system is not null limit 1", [r]
             )
             system = rows[0]["system"] if rows else None
-        return Context(
+        ctx = Context(
             config=self.config, run_dir=self.run_dir, round=r, phase=phase, adapter=adapter,
             policy_label=label, store=self.store, generator=self.comps.generator, system=system,
             cache_dir=Path(self.config.runs_dir) / ".cache", _policy_factory=self.policy,
-            lora_rank=self.comps.updater.lora_rank(),
+            lora_rank=self.comps.updater_for(max(r, 1)).lora_rank(),
             _progress=lambda **kw: self._progress(r, phase, **kw),
             _event=lambda **kw: self._emit(r, phase, kw["level"], kw["message"], kw["data"]),
         )
+        ctx._score = lambda cands: self._score_unstored(ctx, cands)
+        return ctx
+
+    def _score_unstored(self, ctx: Context, cands: list[c.Candidate]) -> list[float | None]:
+        """``ctx.score``: every judge on candidates that are not stored, combined."""
+        rows = []
+        for judge in self.comps.judges:
+            res = self._call(judge, "judge", ctx, cands)
+            rows += [(id(j.candidate), id(j.candidate.prompt), judge.label, j.score)
+                     for j in res.judgments]
+        scores, _ = combine(rows, self.comps.weights, self.config.selection.combine)
+        return [scores.get(id(x)) for x in cands]
 
     def _phase(self, r: int, phase: str, round_t0: float) -> None:
         if self.store.phase_status(r, phase) == "done":
@@ -262,13 +277,14 @@ class Runner:
         self.hook.phase_end(run=self.info, round=r, phase=phase, status=status, seconds=seconds)
 
     def _call(self, comp: c.Component, method: str, ctx: Context, *args, **kwargs):
-        """Call a component, remembering it so a failure names its plugin."""
-        self._current = comp
+        """Call a component, remembering it so a failure names its plugin (a call made
+        from inside another component's, ``ctx.score``, hands the blame back after)."""
+        outer, self._current = self._current, comp
         if id(comp) not in self._set_up:
             comp.setup(ctx)
             self._set_up.add(id(comp))
         result = getattr(comp, method)(ctx, *args, **kwargs)
-        self._current = None
+        self._current = outer
         return result
 
     # -- observers -----------------------------------------------------------------
@@ -310,18 +326,25 @@ class Runner:
         prompts = [p for p in self.store.load_prompts(ctx.round, generate_only=False)
                    if p.kind != "rewrite"]
         system = None
+        deployed = None  # the system prompt evaluators use: the last one deployed
         new: list[c.Prompt] = []
         instructions: list[c.Instruction] = []
+        decisions: list[c.RewriteDecision] = []
         metrics: dict[str, float] = {}
         for opt in self.comps.optimisers:
             ctx.system = system
             res = self._call(opt, "optimise", ctx, prompts)
             prompts = res.prompts
-            system = res.system if res.system is not None else system
+            if res.system is not None:
+                system = res.system
+                deployed = res.system if res.deploy else None
             new.extend(res.new_prompts)
             for ins in res.instructions:
                 ins.optimiser = opt.label
             instructions.extend(res.instructions)
+            for d in res.decisions:
+                d.optimiser = opt.label
+            decisions.extend(res.decisions)
             metrics.update(res.metrics)
 
         def write(db):
@@ -337,6 +360,12 @@ class Runner:
                 )
             for ins in instructions:
                 self.store.insert_instruction(db, ins, ctx.round)
+            for d in decisions:
+                for p in (d.prompt, d.rewrite):
+                    if p.id is None:
+                        self.store.insert_prompt(db, p, ctx.round)
+                self.store.insert_decision(db, d, ctx.round)
+            db.execute("update rounds set system = ? where round = ?", [deployed, ctx.round])
             self.store.put_metrics(db, ctx.round, metrics, "optimisers", "optimise")
 
         return write
@@ -447,7 +476,8 @@ class Runner:
                                        [ctx.round])
         ]
         scores, ineligible = self._combined(ctx.round)
-        sel = self._call(self.comps.selector, "select", ctx, cands, scores, offered)
+        selector = self.comps.selector_for(ctx.round)
+        sel = self._call(selector, "select", ctx, cands, scores, offered)
         metrics = dict(sel.metrics)
         metrics["select/ineligible"] = float(len(ineligible))
         metrics.setdefault("select/pairs", len(sel.pairs))
@@ -464,7 +494,7 @@ class Runner:
                 self.store.insert_pair(db, p, ctx.round, selected=True)
             for s in sel.selected:
                 self.store.insert_selected(db, s, ctx.round)
-            self.store.put_metrics(db, ctx.round, metrics, self.comps.selector.label, "select")
+            self.store.put_metrics(db, ctx.round, metrics, selector.label, "select")
 
         return write
 
@@ -487,6 +517,7 @@ class Runner:
     def _do_update(self, ctx: Context) -> Callable:
         from loop.policy import install_adapter
 
+        updater = self.comps.updater_for(ctx.round)
         selection = self.load_selection(ctx.round)
         adapters = self.run_dir / "adapters"
         adapters.mkdir(exist_ok=True)
@@ -504,10 +535,10 @@ class Runner:
             gen = self.comps.generator
             self._call_plain(gen, "release", ctx)
             try:
-                result = self._call(self.comps.updater, "update", ctx, selection, str(tmp))
+                result = self._call(updater, "update", ctx, selection, str(tmp))
             finally:
                 self._call_plain(gen, "reclaim", ctx)
-            self._current = self.comps.updater
+            self._current = updater
             install_adapter(str(tmp), str(final))
             self._current = None
             policy, adapter_rel = f"round-{ctx.round}", str(final.relative_to(self.run_dir))
@@ -517,7 +548,7 @@ class Runner:
         def write(db):
             for step in result.steps:
                 self.store.insert_train_step(db, step, ctx.round)
-            self.store.put_metrics(db, ctx.round, metrics, self.comps.updater.label, "update")
+            self.store.put_metrics(db, ctx.round, metrics, updater.label, "update")
             db.execute("update rounds set policy = ?, adapter = ?, reference = ? where round = ?",
                        [policy, adapter_rel, result.reference, ctx.round])
 

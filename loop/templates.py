@@ -3,7 +3,7 @@
 A template is named either by a built-in name (``"self_reward"`` is
 ``prompts/self_reward.j2``) or by a path to a ``.j2`` file, relative to the config file.
 Loading checks that the template uses every variable the caller will pass (``required``)
-and no other, so a typo in a template is a start-up error, not a silent empty string.
+and no other but the ones it may use (``optional``, such as few-shot ``examples``), so a typo in a template is a start-up error, not a silent empty string.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
 
 class Template:
-    def __init__(self, path: Path, source: str, required: frozenset[str]):
+    def __init__(self, path: Path, source: str, required: frozenset[str],
+                 optional: frozenset[str] = frozenset()):
         self.path = path
         self.source = source
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
@@ -30,7 +31,7 @@ class Template:
             raise UserError(f"{path}:{e.lineno}: template syntax error: {e.message}") from e
         used = meta.find_undeclared_variables(ast)
         missing = required - used
-        unknown = used - required
+        unknown = used - required - optional
         if missing:
             raise UserError(
                 f"{path}: template never uses {sorted(missing)}; it must place each of "
@@ -39,7 +40,7 @@ class Template:
         if unknown:
             raise UserError(
                 f"{path}: template uses unknown variables {sorted(unknown)}; "
-                f"only {sorted(required)} are passed"
+                f"only {sorted(required | optional)} are passed"
             )
         self.variables = used
         self._template = env.from_string(source)
@@ -75,10 +76,13 @@ def quote(text: str) -> str:
 
 
 @lru_cache(maxsize=64)
-def _load(path: Path, mtime: float, required: frozenset[str]) -> Template:
-    return Template(path, path.read_text(encoding="utf-8"), required)
+def _load(path: Path, mtime: float, required: frozenset[str], optional: frozenset[str]) -> Template:
+    return Template(path, path.read_text(encoding="utf-8"), required, optional)
 
 
-def load_template(name: str, required=frozenset(), base: Path | None = None) -> Template:
+def load_template(name: str, required=frozenset(), base: Path | None = None,
+                  optional=frozenset()) -> Template:
+    """``required``: variables the template must use; ``optional``: ones it may use (the
+    caller passes them either way, see ``Template.variables``)."""
     path = resolve_template_path(name, base)
-    return _load(path, path.stat().st_mtime, frozenset(required))
+    return _load(path, path.stat().st_mtime, frozenset(required), frozenset(optional))

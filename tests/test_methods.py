@@ -76,3 +76,32 @@ def test_reference_is_an_option_of_reference_updaters_only():
 
     with pytest.raises(ValueError):
         ORPOUpdater.Options(reference="base")
+
+
+# -- [[stages]]: per-round updater and selector ---------------------------------------
+
+
+def test_stages_choose_each_rounds_updater(tmp_path):
+    from tests.core_helpers import rows, run_inprocess, write_config
+
+    extra = ('[[stages]]\nrounds = 1\nupdater = { name = "fake", steps = 1 }\n\n'
+             '[[stages]]\nrounds = 2\nupdater = { name = "fake", steps = 2 }\n')
+    run_dir = run_inprocess(write_config(tmp_path / "c.toml", tmp_path / "runs", rounds=3, extra=extra))
+    db = run_dir / "run.db"
+    steps = rows(db, "select round, count(*) n from train_steps group by round order by round")
+    assert [(r["round"], r["n"]) for r in steps] == [(1, 1), (2, 2), (3, 2)]
+    import json
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert [s["updater"] for s in saved["stages"]] == [
+        {"name": "fake", "steps": 1, "sleep": 0.0}, {"name": "fake", "steps": 2, "sleep": 0.0}]
+
+
+def test_stages_must_cover_the_rounds(tmp_path):
+    from tests.core_helpers import cli, write_config
+
+    extra = '[[stages]]\nrounds = 1\nupdater = { name = "fake" }\n'
+    config = write_config(tmp_path / "c.toml", tmp_path / "runs", rounds=3, extra=extra)
+    proc = cli("run", str(config), check_rc=2)
+    assert "stages: their rounds add up to 1 but the run has rounds = 3" in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -58,7 +58,9 @@ class TinyworldPrompts(loop.PromptSource):
 class TinyworldEvaluator(loop.Evaluator):
     """Held-out accuracy by the verifier, answer length, and judge/verifier agreement.
 
-    Metrics: ``eval/accuracy`` (greedy answers that verify), ``eval/mean_length``
+    The policy answers as deployed (``ctx.chat``: after the system prompt an optimiser
+    deployed this round, e.g. OPRO's instruction). Metrics: ``eval/accuracy`` (greedy
+    answers that verify), ``eval/mean_length``
     (tokens per answer), ``eval/habit_rate`` (greedy answers showing the seed model's
     bad habit), ``judge/verifier_agreement`` (share of this round's parsed judgments
     whose ``score >= agreement_threshold`` matches the verifier) and
@@ -79,7 +81,8 @@ class TinyworldEvaluator(loop.Evaluator):
         if ctx.generator is None:
             raise loop.UserError("the tinyworld evaluator needs a generator")
         heldout = task.heldout_set(self.options.heldout, seed=self.options.heldout_seed)
-        chats = [[{"role": "user", "content": text}] for text, _ in heldout]
+        # As the policy is deployed: after the round's system prompt, if one was deployed.
+        chats = [ctx.chat(text) for text, _ in heldout]
         sampling = loop.Sampling(n=1, temperature=0.0, max_new_tokens=self.options.max_new_tokens)
         outputs = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter)
         answers = [group[0] for group in outputs]
