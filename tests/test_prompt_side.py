@@ -449,3 +449,28 @@ def test_opro_optimiser_model_from_a_second_folder(store, tmp_path, tiny_model_d
     with pytest.raises(loop.ConfigError, match="not a folder"):
         plugins.build_component("prompt_optimiser", ComponentSpec(
             name="opro", judge={"name": "table"}, model=str(tmp_path / "nope")), "o")
+
+
+def test_opro_optimiser_model_on_a_remote_endpoint(store, tmp_path):
+    """The meta-prompt goes to an OpenAI-compatible server (a real local HTTP server);
+    its replies are the proposals, scored on the policy as usual."""
+    from test_remote_judge import ScriptedServer
+
+    prompts = add_prompts(store, 1, ["q1"])
+    store.start_phase(1, "optimise")
+    Scripted.respond = staticmethod(
+        lambda chat, i: chat[0]["content"] if chat[0]["role"] == "system" else "plain")
+    TableJudge.table = {"plain": 1.0, "Be exact.": 2.0}
+    with ScriptedServer([("ok", "<INS>Be exact.</INS>"), ("ok", "<INS>Be exact.</INS>")]) as server:
+        comp = plugins.build_component("prompt_optimiser", ComponentSpec(
+            name="opro", judge={"name": "table"}, proposals=2,
+            remote={"url": server.url, "model": "optimiser", "backoff_s": 0.01}), "o")
+        res = comp.optimise(ctx_for(store, tmp_path, 1, "optimise"), prompts)
+    assert len(server.requests) == 2
+    body = server.requests[0]["body"]
+    assert body["model"] == "optimiser" and body["messages"][0]["content"].startswith(META)
+    assert all(c["n"] == 1 for c in Scripted.calls)  # the policy only answered
+    assert res.system == "Be exact." and res.metrics["opro/duplicates"] == 1.0
+    with pytest.raises(loop.ConfigError, match="not both"):
+        plugins.build_component("prompt_optimiser", ComponentSpec(
+            name="opro", model=str(tmp_path), remote={"url": server.url, "model": "m"}), "o")
