@@ -71,7 +71,7 @@ def test_revisions_are_linked_offered_and_judged(run_dir):
 
 def test_pairs_compare_candidates_scored_by_the_same_judges(run_dir):
     """The combine rule (loop/combine.py): both sides of every selector pair were scored by
-    the same judges, and the stored scores are the weighted mean over those judges; a
+    the same judges, and the stored scores are the weighted mean of their z-scores; a
     candidate missing a judge of its prompt is counted in select/ineligible, never paired."""
     from loop.combine import combine
 
@@ -80,7 +80,7 @@ def test_pairs_compare_candidates_scored_by_the_same_judges(run_dir):
     for r in (1, 2):
         rows = q(db, "select j.candidate_id, c.prompt_id, j.judge, j.score from judgments j "
                      "join candidates c on c.id = j.candidate_id where j.round = ?", [r])
-        scores, ineligible = combine([tuple(x.values()) for x in rows], weights, "mean")
+        scores, ineligible = combine([tuple(x.values()) for x in rows], weights, "zscore")
         judges = {}
         for x in rows:
             if x["score"] is not None:
