@@ -105,3 +105,30 @@ def test_stages_must_cover_the_rounds(tmp_path):
     proc = cli("run", str(config), check_rc=2)
     assert "stages: their rounds add up to 1 but the run has rounds = 3" in proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cai_stages_config_validates():
+    from pathlib import Path
+
+    from loop.errors import ConfigError
+    from loop.runs import prepare
+
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "cai_stages.toml")
+    cfg, comps = prepare(config)
+    assert [(s.first, s.last, s.updater.name) for s in comps.stages] == [(1, 1, "sft"), (2, 2, "dpo")]
+    assert comps.updater_for(1).options.train_on == "revisions"
+    assert comps.selector_for(2) is comps.selector and cfg.selection.combine == "zscore"
+    with pytest.raises(ConfigError, match="same lora_r"):
+        prepare(config, ["stages.1.updater.lora_r=16"])
+
+
+def test_tinyworld_judge_is_the_verifier_on_task_prompts():
+    from plugins.tinyworld import TinyworldJudge
+
+    p = loop.Prompt(text="Sort the letters: c a b")
+    other = loop.Prompt(text="Sort these letters please")
+    cands = [loop.Candidate(prompt=p, text="a b c"), loop.Candidate(prompt=p, text="c a b"),
+             loop.Candidate(prompt=other, text="a b c")]
+    res = TinyworldJudge().judge(None, cands)
+    assert [j.score for j in res.judgments] == [5.0, 0.0, None]
+    assert res.judgments[2].error == "not a tinyworld prompt"
