@@ -170,8 +170,7 @@ def test_sl_cai_revisions_are_linked_candidates_and_offered_pairs():
     # 6 revision requests (4 in pass 1, 2 in pass 2), one cut at max_new_tokens
     assert res.metrics == {"cai/revised": 4.0, "cai/revisions": 2.0, "cai/failed": 1.0,
                            "cai/truncated": 1.0, "cai/unchanged": 1.0, "cai/length_ratio": pytest.approx(
-                               (9 / 5 + 8 / 4) / 2), "cai/truncated_rate": pytest.approx(1 / 6),
-                           "judge/truncated_rate": pytest.approx(1 / 6)}
+                               (9 / 5 + 8 / 4) / 2), "cai/truncated_rate": pytest.approx(1 / 6)}
     # every critique and revision request opened with the constitution's two worked examples
     shots = load_constitution(ROOT / "prompts" / "constitution.toml").examples
     assert len(shots) >= 2
