@@ -97,7 +97,25 @@ def test_migrations_are_recorded_and_idempotent(store, tmp_path):
 
 
 def test_upgrade_from_an_older_schema(tmp_path):
-        assert [m.name for m in mig.migrations.applied(store.db)] == ALL
+    """A database of the m001 + m002 release is upgraded in place by every later
+    migration (m003: prompts.answer, heldout), its data kept."""
+    path = tmp_path / "old.db"
+    older = Migrations("selfloop")
+    older()(mig.m001_initial)
+    older()(mig.m002_instructions)
+    db = sqlite_utils.Database(path)
+    older.apply(db)
+    db["rounds"].insert({"round": 0, "status": "done"})
+    db["metrics"].insert({"round": 0, "name": "eval/accuracy", "value": 0.5})
+    db["prompts"].insert({"round": 0, "text": "q", "source": "s", "kind": "original"})
+    assert [m.name for m in mig.migrations.pending(db)] == ALL[2:]
+    mig.migrations.apply(db)
+    assert [m.name for m in mig.migrations.applied(db)] == ALL
+    assert "answer" in db["prompts"].columns_dict and "heldout" in db.table_names()
+    assert list(db.query("select name, value from metrics")) == [{"name": "eval/accuracy", "value": 0.5}]
+    assert list(db.query("select text, answer from prompts")) == [{"text": "q", "answer": None}]
+    mig.migrations.apply(db)  # idempotent
+    assert len(mig.migrations.applied(db)) == len(ALL)
     db.close()
 
 
