@@ -132,3 +132,31 @@ def test_tinyworld_judge_is_the_verifier_on_task_prompts():
     res = TinyworldJudge().judge(None, cands)
     assert [j.score for j in res.judgments] == [5.0, 0.0, None]
     assert res.judgments[2].error == "not a tinyworld prompt"
+
+
+def test_cut_revisions_trip_the_judge_guard():
+    """Revisions cut at revision_max_new_tokens: cai/truncated_rate, and past
+    [guards] max_truncated_rate the judge guard fails the phase naming the option."""
+    from pathlib import Path
+
+    from loop.guards import GuardFailed, GuardsConfig, check_judge
+    from plugins.judges.constitutional import ConstitutionalJudge
+    from test_judges import RuleGenerator
+
+    def reply(content):
+        if content.startswith("Read the exchange"):
+            return "a short critique", "stop"
+        return "a revision that never ends", "length"
+
+    ctx = make_context(generator=RuleGenerator(reply), phase="judge",
+                       source_dir=Path(__file__).resolve().parent.parent)
+    p = loop.Prompt(text="Q", id=1)
+    cands = [loop.Candidate(prompt=p, text=f"a{i}", id=i, sample_index=i) for i in range(3)]
+    judge = ConstitutionalJudge(ConstitutionalJudge.Options(revision_max_new_tokens=16), label="cai")
+    res = judge.judge(ctx, cands)
+    assert res.metrics["cai/truncated_rate"] == 1.0 and res.candidates == []
+    assert (res.outputs, res.truncated) == (6, 3)  # critiques and revisions together
+    with pytest.raises(GuardFailed, match=r"judges\.0\.revision_max_new_tokens=64"):
+        check_judge(GuardsConfig(max_truncated_rate=0.4), field="judges[0]", judge=judge,
+                    judgments=res.judgments, outputs=res.outputs, truncated=res.truncated,
+                    round=1, run_dir="runs/x")
