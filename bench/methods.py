@@ -4,6 +4,7 @@ units, seconds.
     python bench/methods.py                      # every method, seeds 0 1 2, 2 rounds
     python bench/methods.py --seeds 0 --methods dpo opro bpo
     python bench/methods.py --recipe short       # the tests' 250-step seed model (faster)
+    python bench/methods.py --quick              # 32 prompts a round, 100 held out, 10 steps
 
 Each method is one `selfloop run` (a subprocess) of configs/demo.toml or the config it is
 derived from (opro_demo, bpo_demo, cai_demo, cai_stages), changed only where the method
@@ -51,10 +52,16 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 }
 
 SHORT_RECIPE = ["model.build.steps=250"]
+QUICK = ["prompts.0.per_round=32", "evaluators.0.heldout=100"]
+QUICK_STEPS = 10
 
 
-def run(runs: Path, method: str, seed: int, rounds: int, recipe: list[str]) -> dict:
+def run(runs: Path, method: str, seed: int, rounds: int, recipe: list[str], quick: bool) -> dict:
     config, overrides = METHODS[method]
+    if quick:
+        steps = ([f"stages.{i}.updater.max_steps={QUICK_STEPS}" for i in (0, 1)]
+                 if method == "cai-stages" else [f"updater.max_steps={QUICK_STEPS}"])
+        overrides = [*overrides, *QUICK, *steps]
     name = f"{method}-s{seed}"
     cmd = [sys.executable, "-m", "loop", "run", str(ROOT / "configs" / config), "--progress", "off",
            "--set", f"runs_dir={runs}", "--set", f"name={name}", "--set", f"seed={seed}",
@@ -95,17 +102,20 @@ def main() -> None:
     ap.add_argument("--recipe", choices=["demo", "short"], default="demo",
                     help="seed model: the demo's (600 steps) or the tests' (250 steps)")
     ap.add_argument("--runs", type=Path, help="runs folder (default: a scratch one)")
+    ap.add_argument("--quick", action="store_true",
+                    help="32 prompts a round, 100 held-out prompts, 10 optimizer steps")
     args = ap.parse_args()
     if "dpo" not in args.methods:
         args.methods.insert(0, "dpo")  # the peer
     runs = args.runs or Path(tempfile.mkdtemp(prefix="selfloop-methods-")) / "runs"
     recipe = SHORT_RECIPE if args.recipe == "short" else []
     print(f"runs folder: {runs}; recipe: {args.recipe}; rounds: {args.rounds}; "
+          f"{'quick (' + ', '.join(QUICK) + f', {QUICK_STEPS} steps); ' if args.quick else ''}"
           f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for seed in args.seeds:
         for method in args.methods:
-            r = run(runs, method, seed, args.rounds, recipe)
+            r = run(runs, method, seed, args.rounds, recipe, args.quick)
             results.append(r)
             print(f"  {method} seed {seed}: {'ok' if r['ok'] else 'FAILED ' + r['error']} "
                   f"({r['seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
