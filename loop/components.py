@@ -196,13 +196,30 @@ class Instruction:
     round: int | None = None
 
 
+@dataclass(eq=False)
+class RewriteDecision:
+    """A prompt optimiser's gate for one rewrite; stored in ``rewrite_decisions``."""
+
+    prompt: Prompt  # the original
+    rewrite: Prompt
+    original_score: float | None
+    rewrite_score: float | None
+    kept: bool
+    reason: str  # "better" | "not better" | "unscored" | "rewriter rejected"
+    validation: bool = False  # in the sample that decided whether the rewriter is adopted
+    optimiser: str | None = None  # filled in by the runner
+
+
 @dataclass
 class OptimiseResult:
     prompts: list[Prompt]  # the prompts generation should answer this round
     system: str | None = None  # a system instruction for the round (OPRO)
+    # Also the deployed system prompt of the round's policy: evaluators answer with it.
+    deploy: bool = True
     new_prompts: list[Prompt] = field(default_factory=list)  # rewrites to store
     metrics: dict[str, float] = field(default_factory=dict)
     instructions: list[Instruction] = field(default_factory=list)  # scored instructions to store
+    decisions: list[RewriteDecision] = field(default_factory=list)  # rewrite gates to store
 
 
 @dataclass
@@ -218,6 +235,8 @@ class TrainStep:
 class UpdateResult:
     steps: list[TrainStep] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # The policy the loss measured against ("base" | "round-<r>"); None: no reference.
+    reference: str | None = None
 
 
 @dataclass
@@ -364,9 +383,12 @@ class Selector(Component):
     ) -> Selection:
         """Turn scores into training data.
 
-        ``scores`` maps a candidate's id to its combined score: each judge's mean over
-        its valid samples, then the weighted mean over the judges that gave one (weights
-        from the config). Candidates without any valid score are absent. ``offered``
+        ``scores`` maps a candidate's id to its combined score (``[selection] combine``,
+        loop/combine.py): each judge's mean over its valid samples, normalised per judge,
+        then the weighted mean over the prompt's panel of judges. Candidates missing a
+        judge that scored another candidate of their prompt, or without any valid score,
+        are absent, so any two present candidates of a prompt were scored by the same
+        judges. ``offered``
         holds pairs judges proposed (a revision preferred over its original).
         """
         raise NotImplementedError

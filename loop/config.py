@@ -139,6 +139,22 @@ class RunnerConfig(Strict):
     # SIGALRM timer in the main thread, disarmed before the phase's commit
     # (loop/interrupts.py); --set runner.phase_timeout_s=N changes it on resume.
     phase_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+class SelectionConfig(Strict):
+    # How several judges' scores become one per candidate (see loop/combine.py): "mean"
+    # (raw weighted mean), "zscore" (per judge over the round) or "rank" (per judge within
+    # each prompt's candidates). In every method a candidate missing one of the judges
+    # that scored its prompt is left out of the comparison.
+    combine: Literal["mean", "zscore", "rank"] = "mean"
+
+
+class StageSpec(Strict):
+    """``[[stages]]``: consecutive rounds trained by their own updater (and selector), e.g.
+    SL-CAI (``sft`` on revisions) then RL-CAI (``dpo`` on preferences) in one run. What a
+    stage leaves out is the top-level ``[updater]`` / ``[selector]``."""
+
+    rounds: int = Field(ge=1, le=10_000)  # consecutive rounds of this stage
+    updater: ComponentSpec | None = None
+    selector: ComponentSpec | None = None
 
 
 class RunConfig(Strict):
@@ -154,15 +170,31 @@ class RunConfig(Strict):
     optimisers: list[ComponentSpec] = []  # prompt optimisers, applied in order
     judges: list[JudgeSpec] = Field(min_length=1)
     selector: ComponentSpec = ComponentSpec(name="pairs")
-    updater: ComponentSpec
+    updater: ComponentSpec | None = None  # required unless every [[stages]] entry names one
+    stages: list[StageSpec] = []  # per-round updater / selector choice (docs/methods.md)
     evaluators: list[EvaluatorSpec] = []
     judge_quality: JudgeQualityConfig = JudgeQualityConfig()  # length-bias warnings
     guards: GuardsConfig = GuardsConfig()  # fail a phase loudly instead of learning nothing
     runner: RunnerConfig = RunnerConfig()  # phase_timeout_s
+    selection: SelectionConfig = SelectionConfig()  # how judges' scores are combined
 
     # Where the config came from (not part of the file).
     source_file: str | None = Field(None, exclude=True)
     source_dir: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _stages_cover_the_rounds(self):
+        if self.updater is None and (not self.stages or any(s.updater is None for s in self.stages)):
+            raise ValueError(
+                "updater: required field is missing; add an [updater] section (or an updater "
+                "in every [[stages]] entry)"
+            )
+        if self.stages and sum(s.rounds for s in self.stages) != self.rounds:
+            raise ValueError(
+                f"stages: their rounds add up to {sum(s.rounds for s in self.stages)} but the run "
+                f"has rounds = {self.rounds}; make them equal"
+            )
+        return self
 
     @model_validator(mode="after")
     def _labels_unique(self):

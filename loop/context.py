@@ -16,7 +16,12 @@ A context is made per phase by the runner. It gives:
   generator's policy-sync check), stored with the phase's results;
 - ``ctx.lora_rank``: the LoRA rank the run's updater trains (None: unknown), so a
   generator can size its adapter slots;
-- ``ctx.template(name_or_path, required)``: a prompt template from ``prompts/``.
+- ``ctx.template(name_or_path, required)``: a prompt template from ``prompts/``;
+- ``ctx.chat(text)``: a user message as the policy is deployed: after the round's system
+  instruction when there is one (evaluators answer as the policy is deployed);
+- ``ctx.score(candidates)``: the run's judges score candidates that are not stored (a
+  prompt optimiser's validation answers), combined as ``[selection] combine`` combines
+  them, each candidate compared within its prompt object; returns a score or None each.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Context:
     _policy_factory: Callable[[], Policy] | None = None
     _progress: Callable[..., None] | None = None
     _event: Callable[..., None] | None = None
+    _score: Callable[..., list] | None = None
 
     @property
     def seed(self) -> int:
@@ -88,11 +94,23 @@ class Context:
             raise ValueError(f"metric names must be group/name, got {name!r}")
         self.reported[name] = float(value)
 
+    def chat(self, text: str) -> list[dict[str, str]]:
+        """``text`` as a user message, after the deployed system instruction if any."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": text}]
+
+    def score(self, candidates: list) -> list[float | None]:
+        """The run's judges on ``candidates`` (nothing stored): one combined score each."""
+        if self._score is None:
+            raise RuntimeError("this context has no judges to score with")
+        return self._score(candidates)
+
     def event(self, message: str, *, level: str = "info", **data: Any) -> None:
         if self._event is not None:
             self._event(message=message, level=level, data=data)
 
-    def template(self, name: str, required: set[str] | frozenset[str] = frozenset()):
+    def template(self, name: str, required: set[str] | frozenset[str] = frozenset(),
+                 optional: set[str] | frozenset[str] = frozenset()):
         from loop.templates import load_template
 
-        return load_template(name, required, base=self.config.source_dir)
+        return load_template(name, required, base=self.config.source_dir, optional=optional)

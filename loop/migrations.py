@@ -243,6 +243,33 @@ def m003_answers_heldout(db):
 
 
 @migrations()
+def m004_methods(db):
+    # Why: three method decisions had no place to be read back. Which reference policy an
+    # update's loss measured against (DPO and KTO against the previous round or the base
+    # model, `updater.reference`); the system prompt the round's policy is deployed with
+    # (OPRO's chosen instruction, used by evaluators too); and each BPO rewrite's gate:
+    # the scores of answers to the prompt and to its rewrite, and whether it was kept.
+    db.execute("alter table rounds add column reference text")
+    db.execute("alter table rounds add column system text")
+    db.execute(
+        """
+        create table rewrite_decisions (
+            id integer primary key,
+            round integer not null references rounds(round),
+            optimiser text not null,       -- the optimiser's config label
+            prompt_id integer not null references prompts(id),   -- the original
+            rewrite_id integer references prompts(id),           -- the rewrite (stored either way)
+            original_score real,           -- mean combined score of answers to the original
+            rewrite_score real,            -- ... to the rewrite, judged against the original
+            validation integer not null,   -- 1: in the sample that decides the rewriter
+            kept integer not null,         -- 1: the rewrite is answered this round
+            reason text not null           -- better | not better | unscored | rewriter rejected
+        )"""
+    )
+    db.execute("create index idx_rewrite_decisions_round on rewrite_decisions(round)")
+
+
+@migrations()
 def m005_adapter_files(db):
     # Why: an adapter edited or damaged on disk (flipped bytes, a truncated copy) used to
     # load silently and train or evaluate garbage. Each file of an adapter folder is hashed

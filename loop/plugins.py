@@ -48,6 +48,7 @@ BUILTINS = (
     "plugins.updaters.raft",
     "plugins.updaters.ranked",
     "plugins.updaters.kto",
+    "plugins.updaters.sft",
     "plugins.evaluators.verify",
     "plugins.evaluators.winrate",
     "plugins.tinyworld",

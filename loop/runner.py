@@ -26,6 +26,7 @@ from typing import Callable
 from loop import components as c
 from loop import guards, heldout, integrity, judge_quality, plugins
 from loop.blame import ComponentFailed, blame, check_result, describe
+from loop.combine import combine
 from loop.config import RunConfig, config_from_dict
 from loop.context import Context
 from loop.diskfull import DiskFull, Reserve, disk_full, is_disk_full
@@ -228,19 +229,34 @@ class Runner:
     def _context(self, r: int, phase: str) -> Context:
         adapter, label = self._adapter_for(r, phase)
         system = None
-        if r > 0 and phase not in ("propose", "optimise"):
+        if phase == "evaluate":
+            # The policy as deployed: with the system prompt an optimiser deployed this round.
+            system = (self.store.round_row(r) or {}).get("system")
+        elif r > 0 and phase not in ("propose", "optimise"):
             rows = self.store.rows(
                 "select system from round_prompts where round = ? and system is not null limit 1", [r]
             )
             system = rows[0]["system"] if rows else None
-        return Context(
+        ctx = Context(
             config=self.config, run_dir=self.run_dir, round=r, phase=phase, adapter=adapter,
             policy_label=label, store=self.store, generator=self.comps.generator, system=system,
             cache_dir=Path(self.config.runs_dir) / ".cache", _policy_factory=self.policy,
-            lora_rank=self.comps.updater.lora_rank(),
+            lora_rank=self.comps.updater_for(max(r, 1)).lora_rank(),
             _progress=lambda **kw: self._progress(r, phase, **kw),
             _event=lambda **kw: self._emit(r, phase, kw["level"], kw["message"], kw["data"]),
         )
+        ctx._score = lambda cands: self._score_unstored(ctx, cands)
+        return ctx
+
+    def _score_unstored(self, ctx: Context, cands: list[c.Candidate]) -> list[float | None]:
+        """``ctx.score``: every judge on candidates that are not stored, combined."""
+        rows = []
+        for judge in self.comps.judges:
+            res = self._call(judge, "judge", ctx, cands)
+            rows += [(id(j.candidate), id(j.candidate.prompt), judge.label, j.score)
+                     for j in res.judgments]
+        scores, _ = combine(rows, self.comps.weights, self.config.selection.combine)
+        return [scores.get(id(x)) for x in cands]
 
     def _phase(self, r: int, phase: str, round_t0: float) -> None:
         if self.store.phase_status(r, phase) == "done":
@@ -398,18 +414,25 @@ class Runner:
         prompts = [p for p in self.store.load_prompts(ctx.round, generate_only=False)
                    if p.kind != "rewrite"]
         system = None
+        deployed = None  # the system prompt evaluators use: the last one deployed
         new: list[c.Prompt] = []
         instructions: list[c.Instruction] = []
+        decisions: list[c.RewriteDecision] = []
         metrics: dict[str, float] = {}
         for opt in self.comps.optimisers:
             ctx.system = system
             res = self._call(opt, "optimise", ctx, prompts)
             prompts = res.prompts
-            system = res.system if res.system is not None else system
+            if res.system is not None:
+                system = res.system
+                deployed = res.system if res.deploy else None
             new.extend(res.new_prompts)
             for ins in res.instructions:
                 ins.optimiser = opt.label
             instructions.extend(res.instructions)
+            for d in res.decisions:
+                d.optimiser = opt.label
+            decisions.extend(res.decisions)
             metrics.update(res.metrics)
 
         def write(db):
@@ -425,6 +448,12 @@ class Runner:
                 )
             for ins in instructions:
                 self.store.insert_instruction(db, ins, ctx.round)
+            for d in decisions:
+                for p in (d.prompt, d.rewrite):
+                    if p.id is None:
+                        self.store.insert_prompt(db, p, ctx.round)
+                self.store.insert_decision(db, d, ctx.round)
+            db.execute("update rounds set system = ? where round = ?", [deployed, ctx.round])
             self.store.put_metrics(db, ctx.round, metrics, "optimisers", "optimise")
 
         return write
@@ -517,21 +546,17 @@ class Runner:
         return write
 
     def combined_scores(self, r: int) -> dict[int, float]:
-        """Per candidate: each judge's mean valid score, then the weighted mean over judges."""
-        per: dict[int, dict[str, list[float]]] = {}
-        for row in self.store.rows(
-            "select candidate_id, judge, score from judgments where round = ? and score is not null", [r]
-        ):
-            per.setdefault(row["candidate_id"], {}).setdefault(row["judge"], []).append(row["score"])
-        out = {}
-        for cid, by_judge in per.items():
-            num = den = 0.0
-            for judge, scores in by_judge.items():
-                w = self.comps.weights.get(judge, 1.0)
-                num += w * sum(scores) / len(scores)
-                den += w
-            out[cid] = num / den
-        return out
+        """Per eligible candidate, the judges' scores combined by ``[selection] combine``
+        (loop/combine.py: per-judge means, normalised, weighted; candidates missing a
+        judge of their prompt's panel are left out)."""
+        return self._combined(r)[0]
+
+    def _combined(self, r: int) -> tuple[dict[int, float], set[int]]:
+        rows = self.store.rows(
+            "select j.candidate_id, c.prompt_id, j.judge, j.score from judgments j "
+            "join candidates c on c.id = j.candidate_id where j.round = ?", [r])
+        return combine([(x["candidate_id"], x["prompt_id"], x["judge"], x["score"]) for x in rows],
+                       self.comps.weights, self.config.selection.combine)
 
     def _do_select(self, ctx: Context) -> Callable:
         prompts, cands = self._load_round(ctx.round)
@@ -543,12 +568,14 @@ class Runner:
             for row in self.store.rows("select * from pairs where round = ? and selected = 0 order by id",
                                        [ctx.round])
         ]
-        scores = self.combined_scores(ctx.round)
-        sel = self._call(self.comps.selector, "select", ctx, cands, scores, offered)
-        guards.check_selection(self.config.guards, selector=self.comps.selector, examples=len(sel),
+        scores, ineligible = self._combined(ctx.round)
+        selector = self.comps.selector_for(ctx.round)
+        sel = self._call(selector, "select", ctx, cands, scores, offered)
+        guards.check_selection(self.config.guards, selector=selector, examples=len(sel),
                                candidates=len(cands), scored=len(scores), round=ctx.round,
                                run_dir=self.run_dir)
         metrics = dict(sel.metrics)
+        metrics["select/ineligible"] = float(len(ineligible))
         metrics.setdefault("select/pairs", len(sel.pairs))
         metrics.setdefault("select/selected", len(sel.selected))
         metrics["select/examples"] = len(sel)
@@ -564,7 +591,7 @@ class Runner:
                 self.store.insert_pair(db, p, ctx.round, selected=True)
             for s in sel.selected:
                 self.store.insert_selected(db, s, ctx.round)
-            self.store.put_metrics(db, ctx.round, metrics, self.comps.selector.label, "select")
+            self.store.put_metrics(db, ctx.round, metrics, selector.label, "select")
 
         return write
 
@@ -587,6 +614,7 @@ class Runner:
     def _do_update(self, ctx: Context) -> Callable:
         from loop.policy import install_adapter
 
+        updater = self.comps.updater_for(ctx.round)
         selection = self.load_selection(ctx.round)
         adapters = self.run_dir / "adapters"
         adapters.mkdir(exist_ok=True)
@@ -605,12 +633,12 @@ class Runner:
             with blame(gen, "in release()"):
                 gen.release(ctx)
             try:
-                result = self._call(self.comps.updater, "update", ctx, selection, str(tmp))
+                result = self._call(updater, "update", ctx, selection, str(tmp))
             finally:
                 with blame(gen, "in reclaim()"):
                     gen.reclaim(ctx)
-            with blame(self.comps.updater, "installing the adapter it wrote"):
-                _check_losses(result, self.comps.updater, self.run_dir)
+            with blame(updater, "installing the adapter it wrote"):
+                _check_losses(result, updater, self.run_dir)
                 install_adapter(str(tmp), str(final))
             policy, adapter_rel = f"round-{ctx.round}", str(final.relative_to(self.run_dir))
             files = integrity.hash_folder(final)
@@ -620,9 +648,9 @@ class Runner:
         def write(db):
             for step in result.steps:
                 self.store.insert_train_step(db, step, ctx.round)
-            self.store.put_metrics(db, ctx.round, metrics, self.comps.updater.label, "update")
-            db.execute("update rounds set policy = ?, adapter = ? where round = ?",
-                       [policy, adapter_rel, ctx.round])
+            self.store.put_metrics(db, ctx.round, metrics, updater.label, "update")
+            db.execute("update rounds set policy = ?, adapter = ?, reference = ? where round = ?",
+                       [policy, adapter_rel, result.reference, ctx.round])
             if len(selection):
                 integrity.record_adapter(db, ctx.round, adapter_rel, files)
 

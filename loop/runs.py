@@ -25,6 +25,16 @@ CONFIG_FILE = "config.json"
 DB_FILE = "run.db"
 
 @dataclass
+class Stage:
+    """Rounds ``first``..``last`` are trained by ``updater`` on ``selector``'s output."""
+
+    first: int
+    last: int
+    updater: c.Updater
+    selector: c.Selector
+
+
+@dataclass
 class Components:
     generator: c.Generator
     prompt_sources: list[c.PromptSource]
@@ -35,12 +45,28 @@ class Components:
     updater: c.Updater
     evaluators: list[c.Evaluator]
     model_builder: c.ModelBuilder | None = None
+    stages: list[Stage] | None = None  # [[stages]]; None: one updater and selector throughout
+
+    def stage(self, r: int) -> Stage | None:
+        for s in self.stages or ():
+            if s.first <= r <= s.last:
+                return s
+        return None
+
+    def updater_for(self, r: int) -> c.Updater:
+        s = self.stage(r)
+        return s.updater if s is not None else self.updater
+
+    def selector_for(self, r: int) -> c.Selector:
+        s = self.stage(r)
+        return s.selector if s is not None else self.selector
 
     def all(self) -> list[c.Component]:
-        return [
-            self.generator, *self.prompt_sources, *self.optimisers, *self.judges,
-            self.selector, self.updater, *self.evaluators,
-        ]
+        out = [self.generator, *self.prompt_sources, *self.optimisers, *self.judges,
+               self.selector, self.updater, *self.evaluators]
+        for s in self.stages or ():
+            out += [x for x in (s.updater, s.selector) if all(x is not y for y in out)]
+        return out
 
 
 
@@ -61,6 +87,22 @@ def build_components(config: RunConfig) -> Components:
         build("judge", spec, f"judges[{i}]", file, label=spec.label or spec.name)
         for i, spec in enumerate(config.judges)
     ]
+    updater = (build("updater", config.updater, "updater", file) if config.updater is not None
+               else None)
+    selector = build("selector", config.selector, "selector", file)
+    stages, first = [], 1
+    for i, spec in enumerate(config.stages):
+        st_updater = (build("updater", spec.updater, f"stages[{i}].updater", file)
+                      if spec.updater is not None else updater)
+        st_selector = (build("selector", spec.selector, f"stages[{i}].selector", file)
+                       if spec.selector is not None else selector)
+        stages.append(Stage(first, first + spec.rounds - 1, st_updater, st_selector))
+        first += spec.rounds
+    ranks = {s.updater.lora_rank() for s in stages} - {None}
+    if len(ranks) > 1:
+        raise ConfigError(
+            f"the stages' updaters train LoRA ranks {sorted(ranks)}, but each round continues "
+            "the previous adapter; give every stage the same lora_r", file=file, field="stages")
     return Components(
         generator=build("generator", config.generator, "generator", file),
         prompt_sources=[
@@ -72,8 +114,8 @@ def build_components(config: RunConfig) -> Components:
         ],
         judges=judges,
         weights={j.label: spec.weight for j, spec in zip(judges, config.judges)},
-        selector=build("selector", config.selector, "selector", file),
-        updater=build("updater", config.updater, "updater", file),
+        selector=selector,
+        updater=updater if updater is not None else stages[0].updater,
         evaluators=[
             build("evaluator", s, f"evaluators[{i}]", file, label=s.label or s.name)
             for i, s in enumerate(config.evaluators)
@@ -83,6 +125,7 @@ def build_components(config: RunConfig) -> Components:
             if config.model.build is not None
             else None
         ),
+        stages=stages or None,
     )
 
 
@@ -172,7 +215,13 @@ def resolved_config(config: RunConfig, comps: Components) -> dict:
     data["optimisers"] = [full(s, x) for s, x in zip(data["optimisers"], comps.optimisers)]
     data["judges"] = [full(s, x) for s, x in zip(data["judges"], comps.judges)]
     data["selector"] = full(data["selector"], comps.selector)
-    data["updater"] = full(data["updater"], comps.updater)
+    if data["updater"] is not None:
+        data["updater"] = full(data["updater"], comps.updater)
+    for spec, stage in zip(data["stages"], comps.stages or ()):
+        if spec["updater"] is not None:
+            spec["updater"] = full(spec["updater"], stage.updater)
+        if spec["selector"] is not None:
+            spec["selector"] = full(spec["selector"], stage.selector)
     data["evaluators"] = [full(s, x) for s, x in zip(data["evaluators"], comps.evaluators)]
     if comps.model_builder is not None:
         data["model"]["build"] = full(data["model"]["build"], comps.model_builder)

@@ -317,6 +317,14 @@ class Store:
         ).last_pk
         return ins.id
 
+    def insert_decision(self, db, d: c.RewriteDecision, round: int) -> int:
+        return db["rewrite_decisions"].insert({
+            "round": round, "optimiser": d.optimiser or "", "prompt_id": d.prompt.id,
+            "rewrite_id": d.rewrite.id, "original_score": d.original_score,
+            "rewrite_score": d.rewrite_score, "validation": int(d.validation),
+            "kept": int(d.kept), "reason": d.reason,
+        }).last_pk
+
     def insert_train_step(self, db, step: c.TrainStep, round: int) -> None:
         db["train_steps"].insert(
             {

@@ -3,7 +3,8 @@
 A template is named either by a built-in name (``"self_reward"`` is
 ``prompts/self_reward.j2``) or by a path to a ``.j2`` file, relative to the config file.
 Loading checks that the template uses every variable the caller will pass (``required``)
-and no other, so a typo in a template is a start-up error, not a silent empty string.
+and no other but the ones it may use (``optional``, such as few-shot ``examples``), so a
+typo in a template is a start-up error, not a silent empty string.
 
 Templates come from files a user may download, so they are rendered in jinja2's
 ``ImmutableSandboxedEnvironment``: no attribute starting with ``_`` (the
@@ -30,7 +31,8 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
 
 class Template:
-    def __init__(self, path: Path, source: str, required: frozenset[str]):
+    def __init__(self, path: Path, source: str, required: frozenset[str],
+                 optional: frozenset[str] = frozenset()):
         self.path = path
         self.source = source
         env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined,
@@ -42,7 +44,7 @@ class Template:
         _refuse_private_names(path, ast)
         used = meta.find_undeclared_variables(ast)
         missing = required - used
-        unknown = used - required
+        unknown = used - required - optional
         if missing:
             raise UserError(
                 f"{path}: template never uses {sorted(missing)}; it must place each of "
@@ -51,7 +53,7 @@ class Template:
         if unknown:
             raise UserError(
                 f"{path}: template uses unknown variables {sorted(unknown)}; "
-                f"only {sorted(required)} are passed"
+                f"only {sorted(required | optional)} are passed"
             )
         self.variables = used
         self._template = env.from_string(source)
@@ -108,16 +110,19 @@ def quote(text: str) -> str:
 
 
 @lru_cache(maxsize=64)
-def _load(path: Path, mtime: float, required: frozenset[str]) -> Template:
-    return Template(path, path.read_text(encoding="utf-8"), required)
+def _load(path: Path, mtime: float, required: frozenset[str], optional: frozenset[str]) -> Template:
+    return Template(path, path.read_text(encoding="utf-8"), required, optional)
 
 
-def load_template(name: str, required=frozenset(), base: Path | None = None) -> Template:
+def load_template(name: str, required=frozenset(), base: Path | None = None,
+                  optional=frozenset()) -> Template:
+    """``required``: variables the template must use; ``optional``: ones it may use (the
+    caller passes them either way, see ``Template.variables``)."""
     path = resolve_template_path(name, base)
-    return _load(path, path.stat().st_mtime, frozenset(required))
+    return _load(path, path.stat().st_mtime, frozenset(required), frozenset(optional))
 
 
-def template_option(*required: str):
+def template_option(*required: str, optional: tuple[str, ...] = ()):
     """The type of a component option naming a template that receives ``required``.
 
     Checked when the config is validated (the file exists, parses, and uses exactly those
@@ -127,13 +132,13 @@ def template_option(*required: str):
         class Options(loop.Judge.Options):
             template: template_option("prompt", "response") = "self_reward"
     """
-    needed = frozenset(required)
+    needed, may = frozenset(required), frozenset(optional)
 
     def check(value: str, info: ValidationInfo) -> str:
         base = (info.context or {}).get("source_dir")
         try:
             path = resolve_template_path(value, Path(base) if base is not None else None)
-            load_template(str(path), needed)
+            load_template(str(path), needed, optional=may)
         except UserError as e:
             raise ValueError(str(e)) from None
         builtin = not (value.endswith(".j2") or "/" in value)

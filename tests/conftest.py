@@ -144,3 +144,30 @@ def world_runs_dir(tmp_path_factory) -> Path:
     """One runs folder for every CLI run of the session: the tiny world's model is built
     once, into its ``.cache``."""
     return tmp_path_factory.mktemp("world-runs")
+
+
+# The demo, shortened (a 250-step seed recipe, 24 prompts a round, 4 optimizer steps, 40
+# held-out prompts), two rounds through the real CLI: tests/test_demo.py checks what it
+# stores and that it learns; tests/test_prompt_demos.py runs the same with OPRO and BPO.
+DEMO_SHORT = [
+    "--set", "model.build.steps=250",
+    "--set", "prompts.0.per_round=24",
+    "--set", "evaluators.0.heldout=40",
+    "--set", "updater.max_steps=4",
+    "--set", "updater.batch_size=8",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_run(world_runs_dir):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "loop", "demo", "--rounds", "2", "--progress", "plain",
+           "--set", f"runs_dir={world_runs_dir}", *DEMO_SHORT]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return world_runs_dir / "demo", proc

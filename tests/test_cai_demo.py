@@ -69,21 +69,31 @@ def test_revisions_are_linked_offered_and_judged(run_dir):
     assert {x["judge"] for x in q(db, "select distinct judge from judgments")} == {"self_reward", "cai_pref"}
 
 
-def test_combined_scores_are_the_configured_weighted_mean(run_dir):
+def test_pairs_compare_candidates_scored_by_the_same_judges(run_dir):
+    """The combine rule (loop/combine.py): both sides of every selector pair were scored by
+    the same judges, and the stored scores are the weighted mean of their z-scores; a
+    candidate missing a judge of its prompt is counted in select/ineligible, never paired."""
+    from loop.combine import combine
+
     db = run_dir / "run.db"
     weights = {"self_reward": 1.0, "cai_pref": 0.5}
-    pairs = q(db, "select * from pairs where selected = 1 and source = 'selector'")
-    assert pairs
-    for pair in pairs:
-        for cid, stored in ((pair["chosen_id"], pair["chosen_score"]),
-                            (pair["rejected_id"], pair["rejected_score"])):
-            per = {}
-            for row in q(db, "select judge, score from judgments where candidate_id = ? "
-                             "and score is not null", [cid]):
-                per.setdefault(row["judge"], []).append(row["score"])
-            expected = (sum(weights[j] * sum(s) / len(s) for j, s in per.items())
-                        / sum(weights[j] for j in per))
-            assert stored == pytest.approx(expected)
+    for r in (1, 2):
+        rows = q(db, "select j.candidate_id, c.prompt_id, j.judge, j.score from judgments j "
+                     "join candidates c on c.id = j.candidate_id where j.round = ?", [r])
+        scores, ineligible = combine([tuple(x.values()) for x in rows], weights, "zscore")
+        judges = {}
+        for x in rows:
+            if x["score"] is not None:
+                judges.setdefault(x["candidate_id"], set()).add(x["judge"])
+        m = {x["name"]: x["value"] for x in q(db, "select name, value from metrics where round = ?", [r])}
+        assert m["select/ineligible"] == len(ineligible)
+        pairs = q(db, "select * from pairs where round = ? and selected = 1 and source = 'selector'", [r])
+        assert pairs
+        for pair in pairs:
+            assert judges[pair["chosen_id"]] == judges[pair["rejected_id"]]
+            assert pair["chosen_id"] not in ineligible and pair["rejected_id"] not in ineligible
+            assert pair["chosen_score"] == pytest.approx(scores[pair["chosen_id"]])
+            assert pair["rejected_score"] == pytest.approx(scores[pair["rejected_id"]])
 
 
 def test_judge_quality_figures_per_round(run_dir):

@@ -121,7 +121,8 @@ class RuleGenerator(loop.Generator):
 
 
 def _between(text, start, end):
-    return text[text.index(start) + len(start): text.index(end)].strip()
+    """The last ``start`` ... ``end`` section (the few-shot examples come first)."""
+    return text[text.rindex(start) + len(start): text.rindex(end)].strip()
 
 
 def scripted_reviser(content):
@@ -166,11 +167,37 @@ def test_sl_cai_revisions_are_linked_candidates_and_offered_pairs():
     assert asked and all("<<<ANSWER>>>" in a for a in asked)
     assert [(p.chosen, p.rejected, p.source) for p in res.pairs] == [
         (res.candidates[0], cands[0], "cai"), (res.candidates[1], cands[1], "cai")]
+    # 6 revision requests (4 in pass 1, 2 in pass 2), one cut at max_new_tokens
     assert res.metrics == {"cai/revised": 4.0, "cai/revisions": 2.0, "cai/failed": 1.0,
                            "cai/truncated": 1.0, "cai/unchanged": 1.0, "cai/length_ratio": pytest.approx(
-                               (9 / 5 + 8 / 4) / 2)}
+                               (9 / 5 + 8 / 4) / 2), "cai/truncated_rate": pytest.approx(1 / 6)}
+    # every critique and revision request opened with the constitution's two worked examples
+    shots = load_constitution(ROOT / "prompts" / "constitution.toml").examples
+    assert len(shots) >= 2
+    for a in gen.asked:
+        assert "Example 1." in a and "Example 2." in a and shots[0].critique in a
+        assert a.index(shots[1].response) < a.rindex("<<<ANSWER>>>")
+    assert all(shots[0].revision in a for a in gen.asked if a.startswith("Rewrite"))
     # the other judge's revision was not revised again
     assert not any("other judge's" in a for a in gen.asked)
+
+
+def test_sl_cai_without_few_shot_examples():
+    gen = RuleGenerator(scripted_reviser)
+    ctx = make_context(generator=gen, phase="judge", source_dir=ROOT)
+    cands = [loop.Candidate(prompt=loop.Prompt(text="Q", id=1), text="a", id=1)]
+    res = ConstitutionalJudge(ConstitutionalJudge.Options(few_shot=0)).judge(ctx, cands)
+    assert [r.text for r in res.candidates] == ["a +"]
+    assert gen.asked and not any("Example 1." in a for a in gen.asked)
+
+
+def test_constitution_examples_must_name_a_principle(tmp_path):
+    bad = tmp_path / "c.toml"
+    bad.write_text('[[principles]]\nname = "p"\ncritique = "c"\nrevision = "r"\ncompare = "q"\n\n'
+                   '[[examples]]\nprinciple = "nope"\nprompt = "x"\nresponse = "y"\n'
+                   'critique = "z"\nrevision = "w"\n')
+    with pytest.raises(ValueError, match="examples\\[0\\].principle 'nope' is not a principle"):
+        load_constitution(bad)
 
 
 def test_sl_cai_per_prompt_and_reproducible_principles():

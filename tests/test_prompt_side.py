@@ -11,6 +11,7 @@ import re
 import types
 
 import pytest
+import torch
 
 import loop
 from loop import plugins
@@ -74,7 +75,9 @@ def store(tmp_path):
 
 def ctx_for(store, tmp_path, round, phase, *, policy=None, adapter=None):
     config = types.SimpleNamespace(seed=3, source_dir=None,
-                                   generate=types.SimpleNamespace(max_new_tokens=16))
+                                   generate=types.SimpleNamespace(max_new_tokens=16, temperature=1.0,
+                                                                  top_p=1.0),
+                                   model=types.SimpleNamespace(device="cpu", dtype="float32", threads=None))
     return Context(config=config, run_dir=tmp_path, round=round, phase=phase, adapter=adapter,
                    policy_label="base", store=store, generator=Scripted(),
                    _policy_factory=(lambda: policy) if policy is not None else None)
@@ -173,13 +176,14 @@ def test_opro_meta_prompt_scores_and_choice(store, tmp_path):
     assert re.findall(r"Instruction: (.*)\nScore: (.*)", meta) == [("B", "0.50"), ("C", "1.00"), ("A", "2.00")]
     requests = re.findall(r"^Request: (.*)$", meta, re.M)
     assert len(requests) == 2 and set(requests) <= {p.text for p in prompts}
-    # Step 0 re-scores round 1's choice; duplicates (case, spacing) and empty ones dropped.
+    # Step 0 re-scores round 1's choice and no instruction at all (the baseline: "plain"
+    # answers, unscored here); duplicates (case, spacing) and empty ones dropped.
     assert [(i.text, i.step, i.score, i.scored_on) for i in res.instructions] == [
-        ("C", 0, 1.0, 3), ("Be brief.", 1, 3.0, 3), ("Think step by step.", 1, 2.0, 3)]
-    assert [i.chosen for i in res.instructions] == [False, True, False]
-    assert res.system == "Be brief." and res.prompts == prompts
+        ("C", 0, 1.0, 3), ("", 0, None, 0), ("Be brief.", 1, 3.0, 3), ("Think step by step.", 1, 2.0, 3)]
+    assert [i.chosen for i in res.instructions] == [False, False, True, False]
+    assert res.system == "Be brief." and res.prompts == prompts and res.deploy
     assert res.metrics == {"opro/proposed": 2.0, "opro/duplicates": 2.0, "opro/best_score": 3.0,
-                           "opro/mean_score": 2.0}
+                           "opro/mean_score": 2.0, "opro/instruction_chosen": 1.0}
     # Answers were written with each instruction as the system message, by the policy.
     answer_chats = [ch for c in Scripted.calls if c["n"] == 1 for ch in c["chats"]]
     assert sum(ch[0] == {"role": "system", "content": "Be brief."} for ch in answer_chats) == 3
@@ -245,7 +249,8 @@ def test_bpo_trains_a_rewriter_and_links_rewrites(store, tmp_path, tiny_policy, 
     incoming = add_prompts(store, 2, ["q1", "q2", "q3"])
     Scripted.respond = staticmethod(bpo_respond)
     comp = plugins.build_component("prompt_optimiser", ComponentSpec(
-        name="bpo", keep_original=keep_original, train={"max_steps": 2, "batch_size": 2}), "b")
+        name="bpo", keep_original=keep_original, gate=False, train={"max_steps": 2, "batch_size": 2}),
+        "b")
     ctx = ctx_for(store, tmp_path, 2, "optimise", policy=tiny_policy)
     comp.setup(ctx)
     res = comp.optimise(ctx, incoming)
@@ -266,6 +271,8 @@ def test_bpo_trains_a_rewriter_and_links_rewrites(store, tmp_path, tiny_policy, 
     assert res.prompts == expected
     assert res.metrics["bpo/rewrite_rate"] == pytest.approx(1 / 3)
     assert res.metrics["bpo/train_examples"] == 1.0
+    assert [(d.prompt, d.rewrite, d.kept, d.reason) for d in res.decisions] == [
+        (incoming[0], rw, True, "ungated")]
 
 
 def test_bpo_without_pairs_passes_prompts_through(store, tmp_path):
@@ -313,3 +320,157 @@ def test_self_instruct_in_a_run_links_derived_prompts(tmp_path):
     assert {p["id"] for p in derived} <= answered
     texts = [p["text"].lower() for p in derived]
     assert len(set(texts)) == len(texts)  # no duplicates within the batch
+
+
+# -- the gates: bpo rewrites kept only where better, self_instruct filters, opro options --
+
+
+def gate_ctx(store, tmp_path, policy, judged):
+    """A context whose ``ctx.score`` is the table judge, combined as the runner does."""
+    from loop.combine import combine
+
+    ctx = ctx_for(store, tmp_path, 2, "optimise", policy=policy)
+
+    def score(cands):
+        judged.extend(c.prompt.text for c in cands)
+        res = TableJudge().judge(ctx, cands)
+        rows = [(id(j.candidate), id(j.candidate.prompt), "table", j.score) for j in res.judgments]
+        got, _ = combine(rows, {}, "mean")
+        return [got.get(id(c)) for c in cands]
+
+    ctx._score = score
+    return ctx
+
+
+GATE_REWRITES = {"q1": "q1 better", "q2": "q2 worse", "q3": "q3 better", "q4": "q4 same", "q5": "q5 x"}
+
+
+def gate_respond(chat, i):
+    text = chat[-1]["content"]
+    if text.startswith(IMPROVE):
+        return "Sort these letters: c a, answer with letters only"
+    if text.startswith(REWRITE):
+        return GATE_REWRITES[text.splitlines()[-1]]
+    return "A:" + text  # an answer names the prompt it was written for
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_bpo_gate_keeps_rewrites_only_where_better(store, tmp_path, tiny_policy, threshold):
+    [p1] = add_prompts(store, 1, ["Sort: c a"])
+    add_pair(store, 1, p1, "a c", "c a")
+    incoming = add_prompts(store, 2, ["q1", "q2", "q3", "q4", "q5"])
+    Scripted.respond = staticmethod(gate_respond)
+    TableJudge.table = {"A:q1": 1, "A:q1 better": 3, "A:q2": 2, "A:q2 worse": 1, "A:q3": 1,
+                        "A:q3 better": 2, "A:q4": 2, "A:q4 same": 2, "A:q5": 1}  # q5's rewrite: unparsed
+    comp = plugins.build_component("prompt_optimiser", ComponentSpec(
+        name="bpo", keep_original=True, validation_prompts=4, answers=2, accept_threshold=threshold,
+        train={"max_steps": 1, "batch_size": 2}), "b")
+    judged = []
+    ctx = gate_ctx(store, tmp_path, tiny_policy, judged)
+    comp.setup(ctx)
+    res = comp.optimise(ctx, incoming)
+    # every answer, to an original or to its rewrite, is judged against the original prompt
+    assert judged and set(judged) <= {"q1", "q2", "q3", "q4", "q5"}
+    by = {d.prompt.text: d for d in res.decisions}
+    assert set(by) == set(GATE_REWRITES) and sum(d.validation for d in res.decisions) == 4
+    sample = [d for d in res.decisions if d.validation]
+    deltas = [d.rewrite_score - d.original_score for d in sample if d.rewrite_score is not None]
+    assert res.metrics["bpo/validation_delta"] == pytest.approx(sum(deltas) / len(deltas))
+    if res.metrics["bpo/validation_delta"] > threshold:
+        assert res.metrics["bpo/adopted"] == 1.0
+        assert {t: (d.kept, d.reason) for t, d in by.items()} == {
+            "q1": (True, "better"), "q2": (False, "not better"), "q3": (True, "better"),
+            "q4": (False, "not better"), "q5": (False, "unscored")}
+        assert (by["q1"].original_score, by["q1"].rewrite_score) == (1.0, 3.0)
+        kept = [by["q1"].rewrite, by["q3"].rewrite]
+        assert res.prompts == [incoming[0], kept[0], incoming[1], incoming[2], kept[1], *incoming[3:]]
+        assert res.metrics["bpo/accepted_rate"] == pytest.approx(2 / 5)
+    else:
+        assert res.metrics["bpo/adopted"] == 0.0 and res.prompts == incoming
+        assert all(not d.kept and d.reason == "rewriter rejected" for d in res.decisions)
+        assert res.metrics["bpo/accepted_rate"] == 0.0
+        # the prompts outside the validation sample were never answered
+        assert all(d.original_score is None for d in res.decisions if not d.validation)
+
+
+def test_self_instruct_filters_and_kept_rate(store, tmp_path):
+    add_prompts(store, 1, ["Write a poem about the sea"])
+    replies = iter(["Name a colour please",        # kept
+                    "Hi",                          # too short
+                    "word " * 200,                 # too long
+                    "Draw a picture of a horse",   # an excluded word
+                    "List three prime numbers"])   # kept
+    Scripted.respond = staticmethod(lambda chat, i: next(replies))
+    comp = plugins.build_component("prompt_source", ComponentSpec(name="self_instruct", per_round=5), "p")
+    store.start_phase(2, "propose")
+    ctx = ctx_for(store, tmp_path, 2, "propose")
+    out = comp.propose(ctx)
+    assert [p.text for p in out] == ["Name a colour please", "List three prime numbers"]
+    assert ctx.reported["self_instruct/kept_rate"] == pytest.approx(2 / 5)
+    assert {k: v for k, v in ctx.reported.items() if k.startswith("self_instruct/dropped")} == {
+        "self_instruct/dropped_empty": 0, "self_instruct/dropped_short": 1,
+        "self_instruct/dropped_long": 1, "self_instruct/dropped_excluded": 1,
+        "self_instruct/dropped_duplicate": 0}
+
+
+def test_opro_deploy_false_and_baseline_off(store, tmp_path):
+    prompts = add_prompts(store, 1, ["q1", "q2"])
+    store.start_phase(1, "optimise")
+    Scripted.respond = staticmethod(
+        lambda chat, i: "<INS>Answer well.</INS>" if chat[-1]["content"].startswith(META)
+        else (chat[0]["content"] if chat[0]["role"] == "system" else "plain"))
+    TableJudge.table = {"plain": 1.0, "Answer well.": 2.0}
+    comp = plugins.build_component("prompt_optimiser", ComponentSpec(
+        name="opro", judge={"name": "table"}, proposals=1, deploy=False, initial=["Start."],
+        baseline=False), "o")
+    res = comp.optimise(ctx_for(store, tmp_path, 1, "optimise"), prompts)
+    assert [i.text for i in res.instructions] == ["Start.", "Answer well."]  # no "" baseline
+    assert res.system == "Answer well." and res.deploy is False
+
+
+def test_opro_optimiser_model_from_a_second_folder(store, tmp_path, tiny_model_dir, tiny_policy):
+    """A second local model writes the proposals; the run's policy is never touched."""
+    prompts = add_prompts(store, 1, ["q1"])
+    store.start_phase(1, "optimise")
+    Scripted.respond = staticmethod(lambda chat, i: "plain")
+    TableJudge.table = {"plain": 1.0}
+    comp = plugins.build_component("prompt_optimiser", ComponentSpec(
+        name="opro", judge={"name": "table"}, proposals=2, model=tiny_model_dir, max_new_tokens=4), "o")
+    before = {n: p.detach().clone() for n, p in tiny_policy.base.named_parameters()}
+    res = comp.optimise(ctx_for(store, tmp_path, 1, "optimise", policy=tiny_policy), prompts)
+    # the scripted generator only answered (n = 1); proposals came from the second model
+    assert all(c["n"] == 1 for c in Scripted.calls)
+    assert comp._model is not None and comp._model is not tiny_policy
+    assert comp._model.base is not tiny_policy.base
+    # both of its replies were read as proposals (new ones, or dropped as empty/duplicate)
+    assert res.metrics["opro/proposed"] + res.metrics["opro/duplicates"] == 2
+    for n, p in tiny_policy.base.named_parameters():
+        assert torch.equal(before[n], p.detach())
+    with pytest.raises(loop.ConfigError, match="not a folder"):
+        plugins.build_component("prompt_optimiser", ComponentSpec(
+            name="opro", judge={"name": "table"}, model=str(tmp_path / "nope")), "o")
+
+
+def test_opro_optimiser_model_on_a_remote_endpoint(store, tmp_path):
+    """The meta-prompt goes to an OpenAI-compatible server (a real local HTTP server);
+    its replies are the proposals, scored on the policy as usual."""
+    from test_remote_judge import ScriptedServer
+
+    prompts = add_prompts(store, 1, ["q1"])
+    store.start_phase(1, "optimise")
+    Scripted.respond = staticmethod(
+        lambda chat, i: chat[0]["content"] if chat[0]["role"] == "system" else "plain")
+    TableJudge.table = {"plain": 1.0, "Be exact.": 2.0}
+    with ScriptedServer([("ok", "<INS>Be exact.</INS>"), ("ok", "<INS>Be exact.</INS>")]) as server:
+        comp = plugins.build_component("prompt_optimiser", ComponentSpec(
+            name="opro", judge={"name": "table"}, proposals=2,
+            remote={"url": server.url, "model": "optimiser", "backoff_s": 0.01}), "o")
+        res = comp.optimise(ctx_for(store, tmp_path, 1, "optimise"), prompts)
+    assert len(server.requests) == 2
+    body = server.requests[0]["body"]
+    assert body["model"] == "optimiser" and body["messages"][0]["content"].startswith(META)
+    assert all(c["n"] == 1 for c in Scripted.calls)  # the policy only answered
+    assert res.system == "Be exact." and res.metrics["opro/duplicates"] == 1.0
+    with pytest.raises(loop.ConfigError, match="not both"):
+        plugins.build_component("prompt_optimiser", ComponentSpec(
+            name="opro", model=str(tmp_path), remote={"url": server.url, "model": "m"}), "o")

@@ -195,5 +195,8 @@ def test_m001_database_gains_the_instructions_table(tmp_path):
         assert [m.name for m in mig.migrations.applied(store.db)] == ALL
         assert "instructions" in actual_tables(store.conn)
         assert store.rows("select round from rounds") == [{"round": 0}]
+        # m004: the rounds gain their reference and deployed system prompt, data kept
+        assert store.rows("select round, reference, system from rounds") == [
+            {"round": 0, "reference": None, "system": None}]
     finally:
         store.close()

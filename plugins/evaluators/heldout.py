@@ -72,10 +72,13 @@ def request(options: HeldoutOptions, label: str) -> HeldoutRequest:
 
 def answer(ctx, prompts: list[loop.Prompt], options: HeldoutOptions, adapter: str | None,
            seed_label: str) -> list[loop.Completion]:
-    """One answer per prompt from base + ``adapter`` (None: the base model)."""
+    """One answer per prompt from base + ``adapter`` (None: the base model), as deployed: a
+    prompt without a system message of its own gets the round's deployed system prompt
+    (``ctx.chat``: OPRO's chosen instruction), for the policy and the reference alike."""
     if ctx.generator is None:
         raise loop.UserError("held-out evaluators need the run's generator")
     sampling = loop.Sampling(n=1, temperature=options.temperature, max_new_tokens=options.max_new_tokens,
                              seed=ctx.derive_seed(seed_label))
-    outs = ctx.generator.generate(ctx, [p.chat() for p in prompts], sampling, adapter=adapter)
+    chats = [p.chat() if p.system else ctx.chat(p.text) for p in prompts]
+    outs = ctx.generator.generate(ctx, chats, sampling, adapter=adapter)
     return [group[0] for group in outs]

@@ -52,10 +52,42 @@ class Principle(BaseModel):
     compare: str = Field(min_length=1)  # the A-or-B question of pairwise judging
 
 
+class Example(BaseModel):
+    """A worked critique-revision exchange, shown before each request (few-shot)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    principle: str = Field(min_length=1)  # the name of the principle it shows
+    prompt: str = Field(min_length=1)
+    response: str = Field(min_length=1)
+    critique: str = Field(min_length=1)
+    revision: str = Field(min_length=1)
+
+
 class Constitution(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     principles: list[Principle] = Field(min_length=1)
+    examples: list[Example] = []
+
+    @model_validator(mode="after")
+    def _examples_name_principles(self):
+        known = {p.name for p in self.principles}
+        for i, ex in enumerate(self.examples):
+            if ex.principle not in known:
+                raise ValueError(
+                    f"examples[{i}].principle {ex.principle!r} is not a principle; "
+                    f"known: {sorted(known)}")
+        return self
+
+    def shots(self, count: int) -> list[dict[str, str]]:
+        """The first ``count`` examples, with their principle's requests filled in."""
+        by_name = {p.name: p for p in self.principles}
+        return [{"prompt": quote(ex.prompt), "response": quote(ex.response),
+                 "critique_request": by_name[ex.principle].critique,
+                 "revision_request": by_name[ex.principle].revision,
+                 "critique": quote(ex.critique), "revision": quote(ex.revision)}
+                for ex in self.examples[:count]]
 
     @field_validator("principles")
     @classmethod
@@ -101,6 +133,9 @@ def load_constitution(path: Path) -> Constitution:
 
 
 class _ConstitutionOptions(loop.ModelJudgeOptions):
+    def constitution_file(self, base: Path | None) -> Constitution:
+        return load_constitution(resolve_constitution(self.constitution, base))
+
     # A .toml in prompts/ (without .toml) or a path to one, relative to the config file.
     constitution: str = "constitution"
     # Only these principles (by name); empty: all of them.
@@ -116,7 +151,7 @@ class _ConstitutionOptions(loop.ModelJudgeOptions):
         return self
 
     def load(self, base: Path | None) -> list[Principle]:
-        principles = load_constitution(resolve_constitution(self.constitution, base)).principles
+        principles = self.constitution_file(base).principles
         if self.principles:
             known = {p.name for p in principles}
             unknown = [n for n in self.principles if n not in known]
@@ -146,10 +181,14 @@ class ConstitutionalJudge(loop.Judge):
        the original, every principle, critique and intermediate revision in ``meta``) and
        offer the pair (revision preferred over original) to the selector.
 
+    Each critique and revision request opens with the constitution file's first
+    ``few_shot`` worked ``[[examples]]`` (the paper's few-shot SL-CAI prompt).
+
     A revision that is empty, cut off by ``max_new_tokens`` or equal to the text it
     revises ends the chain (its ``outcome`` is stored with the pass); a chain whose first
     pass is not usable adds nothing (counted in ``cai/failed``: empty or cut off, of which
-    ``cai/truncated`` were cut off, or in ``cai/unchanged``). This judge writes no scores.
+    ``cai/truncated`` were cut off, or in ``cai/unchanged``); ``cai/truncated_rate`` is the
+    share of all revision requests (every pass) cut off. This judge writes no scores.
     """
 
     name = "constitutional"
@@ -163,9 +202,15 @@ class ConstitutionalJudge(loop.Judge):
         temperature: float = Field(0.7, ge=0.0)
         critique_max_new_tokens: int = Field(256, ge=1)
         revision_max_new_tokens: int = Field(256, ge=1)
-        # Templates: names in prompts/ (without .j2) or paths to .j2 files.
-        critique_template: template_option("prompt", "response", "request") = "cai_critique"
-        revision_template: template_option("prompt", "response", "critique", "request") = "cai_revision"
+        # Templates: names in prompts/ (without .j2) or paths to .j2 files; each may place
+        # the constitution's few-shot `examples`.
+        critique_template: template_option("prompt", "response", "request",
+                                           optional=("examples",)) = "cai_critique"
+        revision_template: template_option("prompt", "response", "critique", "request",
+                                           optional=("examples",)) = "cai_revision"
+        # Worked examples from the constitution file's [[examples]] shown before each
+        # critique and revision request (0: none).
+        few_shot: int = Field(2, ge=0)
 
     def setup(self, ctx) -> None:
         self._templates(ctx)
@@ -173,14 +218,17 @@ class ConstitutionalJudge(loop.Judge):
 
     def _templates(self, ctx):
         o = self.options
-        return (ctx.template(o.critique_template, {"prompt", "response", "request"}),
-                ctx.template(o.revision_template, {"prompt", "response", "critique", "request"}))
+        shots = {"examples"}
+        return (ctx.template(o.critique_template, {"prompt", "response", "request"}, shots),
+                ctx.template(o.revision_template, {"prompt", "response", "critique", "request"},
+                             shots))
 
     def judge(self, ctx, candidates: list[loop.Candidate]) -> loop.JudgeResult:
         if ctx.generator is None:
             raise RuntimeError("the constitutional judge needs the run's generator")
         opts = self.options
         principles = opts.load(ctx.config.source_dir)
+        shots = opts.constitution_file(ctx.config.source_dir).shots(opts.few_shot)
         critique_t, revision_t = self._templates(ctx)
         originals = _to_revise(candidates, opts.per_prompt)
         result = loop.JudgeResult()  # counts the critiques and revisions written
@@ -195,11 +243,12 @@ class ConstitutionalJudge(loop.Judge):
             chosen = {i: rng.choice(principles) for i in live}
             critiques = self._ask(ctx, [
                 critique_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
-                                  request=chosen[i].critique) for i in live
+                                  request=chosen[i].critique, examples=shots) for i in live
             ], opts.critique_max_new_tokens, ("critique", step), result)
             revisions = self._ask(ctx, [
                 revision_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
-                                  critique=quote(crit.text.strip()), request=chosen[i].revision)
+                                  critique=quote(crit.text.strip()), request=chosen[i].revision,
+                                  examples=shots)
                 for i, crit in zip(live, critiques)
             ], opts.revision_max_new_tokens, ("revision", step), result)
             still = []
@@ -220,6 +269,8 @@ class ConstitutionalJudge(loop.Judge):
         new_cands: list[loop.Candidate] = []
         pairs: list[loop.Pair] = []
         outcomes = {"empty": 0, "truncated": 0, "unchanged": 0}
+        asked = [p for chain in chains for p in chain]
+        cut = sum(p["outcome"] == "truncated" for p in asked)
         for original, chain, final in zip(originals, chains, text):
             used = [p for p in chain if p["used"]]
             if not used:  # the first pass gave nothing usable
@@ -240,6 +291,10 @@ class ConstitutionalJudge(loop.Judge):
             "cai/failed": float(outcomes["empty"] + outcomes["truncated"]),
             "cai/truncated": float(outcomes["truncated"]),
             "cai/unchanged": float(outcomes["unchanged"]),
+            # every revision request of every pass: the share cut at revision_max_new_tokens
+            # (the runner's judge/<label>/truncated_rate, which the guard reads, counts the
+            # critiques too: result.count)
+            "cai/truncated_rate": cut / max(len(asked), 1),
         }
         if new_cands:
             metrics["cai/length_ratio"] = _mean(

@@ -25,11 +25,22 @@ The algorithm (``optimise``), in round r:
    examples (round 1 has no pairs yet) there is no rewriter and prompts pass unchanged.
 3. Rewriting: the generator rewrites each incoming prompt with ``adapter`` = the rewriter
    folder (greedy). A non-empty rewrite that differs from its original becomes a prompt
-   with ``kind="rewrite"``, ``parent`` = the original and ``meta = {"bpo": "rewrite"}``;
-   it replaces the original in the round, or joins it (original first) with
-   ``keep_original``. Originals are always stored.
+   with ``kind="rewrite"``, ``parent`` = the original and ``meta = {"bpo": "rewrite"}``.
+4. The gate (``gate = true``, the default): a rewrite is used only where it is better.
+   The policy answers a ``validation_prompts`` sample of the rewritten prompts and their
+   rewrites (``answers`` each, the run's sampling); the run's judges score every answer
+   against the *original* prompt (``ctx.score``: the user's request is what an answer
+   must serve), combined as ``[selection] combine`` does. The rewriter is adopted for the
+   round only if the rewrites' mean score beats the originals' by more than
+   ``accept_threshold``; then every other rewritten prompt is answered and scored the
+   same way, and each rewrite is kept only where its answers scored higher than its
+   original's. A kept rewrite replaces the original in the round, or joins it (original
+   first) with ``keep_original``. Originals and rewrites are always stored, with one row
+   per rewrite in ``rewrite_decisions`` (both scores, kept or not, why).
 
-Metrics: ``bpo/rewrite_rate`` (rewritten / incoming prompts), ``bpo/train_examples``,
+Metrics: ``bpo/rewrite_rate`` (rewritten / incoming prompts), ``bpo/accepted_rate`` (kept /
+rewritten), ``bpo/adopted`` (1: the rewriter passed validation), ``bpo/validation_delta``
+(mean rewrite - original score on the validation sample), ``bpo/train_examples``,
 ``bpo/new_examples``; the ``bpo`` evaluator adds ``bpo/score_delta`` (see its docstring).
 """
 
@@ -72,6 +83,15 @@ class BPO(loop.PromptOptimiser):
         rewrite_max_new_tokens: int = Field(128, ge=1)
         # How the rewriter adapter is trained (plugins/updaters/sft.py).
         train: SFTOptions = SFTOptions()
+        # Use a rewrite only where its answers score better than the original's (see 4.);
+        # false: every rewrite is used, unchecked (the old behaviour).
+        gate: bool = True
+        # Rewritten prompts in the validation sample that decides the rewriter's adoption.
+        validation_prompts: int = Field(16, ge=1)
+        # Answers per prompt and side while gating (more: less noise, more cost).
+        answers: int = Field(2, ge=1)
+        # Adopt the rewriter only if rewrites beat originals by more than this (mean score).
+        accept_threshold: float = 0.0
 
     def setup(self, ctx) -> None:
         self._templates(ctx)
@@ -94,9 +114,83 @@ class BPO(loop.PromptOptimiser):
             return loop.OptimiseResult(prompts=prompts, new_prompts=new, metrics=metrics)
         chats = [[{"role": "user", "content": rewriter_input.render(prompt=o)}] for o, _ in examples]
         adapter = self._train(ctx, list(zip(chats, [i for _, i in examples])))
-        out, rewritten = self._rewrite(ctx, prompts, rewriter_input, adapter)
-        metrics["bpo/rewrite_rate"] = rewritten / max(len(prompts), 1)
-        return loop.OptimiseResult(prompts=out, new_prompts=new, metrics=metrics)
+        rewrites = self._rewrite(ctx, prompts, rewriter_input, adapter)
+        metrics["bpo/rewrite_rate"] = len(rewrites) / max(len(prompts), 1)
+        decisions = self._gate(ctx, rewrites, metrics) if self.options.gate else [
+            loop.RewriteDecision(prompt=p, rewrite=rw, original_score=None, rewrite_score=None,
+                                 kept=True, reason="ungated") for p, rw in rewrites.items()]
+        kept = {id(d.prompt): d.rewrite for d in decisions if d.kept}
+        metrics["bpo/accepted_rate"] = len(kept) / max(len(rewrites), 1)
+        out = []
+        for p in prompts:
+            rw = kept.get(id(p))
+            out.extend([p] if rw is None else [p, rw] if self.options.keep_original else [rw])
+        return loop.OptimiseResult(prompts=out, new_prompts=new, metrics=metrics,
+                                   decisions=decisions)
+
+    def _gate(self, ctx, rewrites: dict, metrics: dict) -> list[loop.RewriteDecision]:
+        """Step 4: validation sample, then per-prompt fallback; one decision per rewrite."""
+        opts = self.options
+        order = list(rewrites)
+        sample = ctx.rng(self.label, "validate").sample(order, min(opts.validation_prompts, len(order)))
+        scored = self._side_scores(ctx, [(p, rewrites[p]) for p in sample])
+        deltas = [r - o for o, r in scored.values() if o is not None and r is not None]
+        delta = sum(deltas) / len(deltas) if deltas else None
+        adopted = delta is not None and delta > opts.accept_threshold
+        metrics["bpo/adopted"] = float(adopted)
+        if delta is not None:
+            metrics["bpo/validation_delta"] = delta
+        if adopted:
+            rest = [p for p in order if p not in scored]
+            scored.update(self._side_scores(ctx, [(p, rewrites[p]) for p in rest]))
+        in_sample = set(sample)
+        out = []
+        for p in order:
+            o, r = scored.get(p, (None, None))
+            if not adopted:
+                kept, reason = False, "rewriter rejected"
+            elif o is None or r is None:
+                kept, reason = False, "unscored"
+            else:
+                kept, reason = r > o, ("better" if r > o else "not better")
+            out.append(loop.RewriteDecision(prompt=p, rewrite=rewrites[p], original_score=o,
+                                            rewrite_score=r, kept=kept, reason=reason,
+                                            validation=p in in_sample))
+        ctx.event(f"bpo: rewriter {'adopted' if adopted else 'rejected'} (validation delta "
+                  f"{'-' if delta is None else f'{delta:+.3f}'} over {len(deltas)} prompts); "
+                  f"{sum(d.kept for d in out)} of {len(out)} rewrites kept")
+        return out
+
+    def _side_scores(self, ctx, items) -> dict:
+        """Per original prompt: (mean score of answers to it, mean score of answers to its
+        rewrite), every answer judged against the original prompt."""
+        if not items:
+            return {}
+        g = ctx.config.generate
+        chats = [ctx.chat(text) for p, rw in items for text in (p.text, rw.text)]
+        sampling = loop.Sampling(n=self.options.answers, temperature=g.temperature, top_p=g.top_p,
+                                 max_new_tokens=g.max_new_tokens,
+                                 seed=ctx.derive_seed(self.label, "gate", len(items)))
+        outs = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter, progress=False)
+        cands, owner = [], []
+        for k, (p, _) in enumerate(items):
+            judged_as = loop.Prompt(text=p.text, source=p.source, meta=p.meta)
+            for side in (0, 1):
+                for a in outs[2 * k + side]:
+                    cands.append(loop.Candidate(prompt=judged_as, text=a.text, policy=ctx.policy_label,
+                                                num_tokens=a.num_tokens, finish_reason=a.finish_reason,
+                                                meta={"bpo_side": side}))
+                    owner.append((k, side))
+        per: dict = {}
+        for (k, side), score in zip(owner, ctx.score(cands)):
+            if score is not None:
+                per.setdefault((k, side), []).append(score)
+
+        def mean(k, side):
+            xs = per.get((k, side))
+            return sum(xs) / len(xs) if xs else None
+
+        return {p: (mean(k, 0), mean(k, 1)) for k, (p, _) in enumerate(items)}
 
     def _training_data(self, ctx, improve) -> list[loop.Prompt]:
         """Step 1: improved prompts written from the previous round's preference pairs."""
@@ -145,8 +239,9 @@ class BPO(loop.PromptOptimiser):
         install_adapter(str(tmp), str(final))
         return str(final)
 
-    def _rewrite(self, ctx, prompts, rewriter_input, adapter: str):
-        """Step 3: rewrite every incoming prompt with the rewriter adapter."""
+    def _rewrite(self, ctx, prompts, rewriter_input, adapter: str) -> dict:
+        """Step 3: rewrite every incoming prompt with the rewriter adapter; {original: rewrite}
+        for the ones that changed."""
         chats = [[{"role": "user", "content": rewriter_input.render(prompt=p.text)}] for p in prompts]
         sampling = loop.Sampling(n=1, temperature=0.0,
                                  max_new_tokens=self.options.rewrite_max_new_tokens,
@@ -154,17 +249,14 @@ class BPO(loop.PromptOptimiser):
         outs = ctx.generator.generate(ctx, chats, sampling, adapter=adapter, progress=False)
         rel = str(Path(adapter).relative_to(Path(ctx.run_dir))) if Path(adapter).is_relative_to(
             Path(ctx.run_dir)) else adapter
-        result, rewritten = [], 0
+        rewrites = {}
         for p, out in zip(prompts, outs):
             text = out[0].text.strip()
-            if not text or _key(text) == _key(p.text):
-                result.append(p)
-                continue
-            rewritten += 1
-            rw = loop.Prompt(text=text, source=self.label, system=p.system, kind="rewrite",
-                             parent=p, meta={"bpo": "rewrite", "adapter": rel})
-            result.extend([p, rw] if self.options.keep_original else [rw])
-        return result, rewritten
+            if text and _key(text) != _key(p.text):
+                rewrites[p] = loop.Prompt(text=text, source=self.label, system=p.system,
+                                          kind="rewrite", parent=p,
+                                          meta={"bpo": "rewrite", "adapter": rel})
+        return rewrites
 
 
 class BPOEvaluator(loop.Evaluator):

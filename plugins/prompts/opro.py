@@ -14,11 +14,15 @@ The algorithm (``optimise``), once per round:
 1. Sample ``score_prompts`` of the round's prompts (``ctx.rng``): every instruction of the
    round is scored on the same ones, by the same policy.
 2. Step 0 scores the starting point: the ``initial`` instructions in the first round, else
-   the instruction chosen in the latest earlier round (re-scored: the policy has changed).
+   the instruction chosen in the latest earlier round (re-scored: the policy has changed);
+   with ``baseline`` (the default) also no instruction at all, every round, so a searched
+   instruction is deployed only when it scores above answering without one.
 3. Each step 1..``steps`` renders ``prompts/opro.j2``: the ``max_history`` best scored
    instructions so far (every round's, from the ``instructions`` table and this round),
    in ascending order of score, then ``exemplars`` sampled task prompts. The optimiser
-   model samples ``proposals`` replies; the text between ``<INS>`` and ``</INS>`` (the
+   model (the policy; or ``model``, a second local model folder loaded on its own, never
+   touching the policy's weights or LoRA slot; or ``remote``, an OpenAI-compatible
+   endpoint) samples ``proposals`` replies; the text between ``<INS>`` and ``</INS>`` (the
    whole reply when the tags are missing) is a proposal. Empty proposals and ones already
    scored (same text up to case and spacing) are dropped.
 4. Scoring an instruction: the policy (``ctx.generator``, ``ctx.adapter``) answers each
@@ -27,14 +31,19 @@ The algorithm (``optimise``), once per round:
    of the parsed judge scores (None if none parsed).
 5. The round's best scored instruction (ties: the earliest) is the round's system
    instruction; every scored one is stored in ``instructions``, the best with ``chosen=1``.
+   With ``deploy`` (the default) it is also the system prompt the round's policy is
+   deployed with: evaluators answer with it (``rounds.system``); ``deploy = false``
+   evaluates the policy without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import loop
 from loop import plugins as registry
@@ -84,8 +93,15 @@ class OPRO(loop.PromptOptimiser):
         initial: list[str] = [""]
         # The judge that scores answers: {name = ..., its options}; any registered judge.
         judge: dict[str, Any] = {"name": "self_reward"}
-        # Another generator as the optimiser model ({name = ..., options}); None: the policy.
-        generator: dict[str, Any] | None = None
+        # The optimiser model, if not the policy: a local Hugging Face model folder (loaded
+        # once, on its own; safetensors only, no remote code) ...
+        model: str | None = None
+        # ... or an OpenAI-compatible endpoint: {url = ..., model = ..., api_key_env = ...}.
+        remote: dict[str, Any] | None = None
+        # Always re-score "no instruction", so a searched one must beat it to be chosen.
+        baseline: bool = True
+        # The chosen instruction is the deployed system prompt: evaluators use it too.
+        deploy: bool = True
         # A name in prompts/ (without .j2) or a .j2 path using {history, exemplars}.
         template: template_option("history", "exemplars") = "opro"
         # Sampling of proposals (the paper samples at 1.0 for diverse instructions).
@@ -96,26 +112,40 @@ class OPRO(loop.PromptOptimiser):
         # Answer length while scoring (None: the run's generate.max_new_tokens).
         answer_max_new_tokens: int | None = Field(None, ge=1)
 
+        @model_validator(mode="after")
+        def _one_model(self):
+            if self.model is not None and self.remote is not None:
+                raise ValueError("give model (a local folder) or remote (an endpoint), not both")
+            if self.model is not None and not Path(self.model).expanduser().is_dir():
+                raise ValueError(
+                    f"model: {self.model!r} is not a folder; give a local Hugging Face model "
+                    "folder for the optimiser model (or remove it to use the policy)")
+            return self
+
     def __init__(self, options=None, *, label=None):
         super().__init__(options, label=label)
         build = registry.build_component
         self.judge = build("judge", ComponentSpec(**self.options.judge), f"optimisers.{self.label}.judge",
                            label=f"{self.label}-judge")
-        self.optimiser_model = None
-        if self.options.generator is not None:
-            self.optimiser_model = build("generator", ComponentSpec(**self.options.generator),
-                                         f"optimisers.{self.label}.generator")
+        self._endpoint = None
+        if self.options.remote is not None:
+            from plugins.judges.remote import RemoteJudge
+
+            spec = {"temperature": self.options.temperature,
+                    "max_tokens": self.options.max_new_tokens, **self.options.remote}
+            self._endpoint = build("judge", ComponentSpec(name="remote", **spec),
+                                   f"optimisers.{self.label}.remote", label=f"{self.label}-remote")
+            assert isinstance(self._endpoint, RemoteJudge)
+        self._model = None  # the second local model (loop.policy.Policy), loaded on first use
+        self._model_generator = None
 
     def setup(self, ctx) -> None:
         ctx.template(self.options.template, {"history", "exemplars"})
         self.judge.setup(ctx)
-        if self.optimiser_model is not None:
-            self.optimiser_model.setup(ctx)
 
     def close(self) -> None:
         self.judge.close()
-        if self.optimiser_model is not None:
-            self.optimiser_model.close()
+        self._model = None
 
     # -- the search ----------------------------------------------------------------
 
@@ -130,6 +160,8 @@ class OPRO(loop.PromptOptimiser):
         history = [(r["text"], r["score"]) for r in past if r["score"] is not None]
         chosen_before = [r["text"] for r in past if r["chosen"]]
         start = [chosen_before[-1]] if chosen_before else list(dict.fromkeys(opts.initial))
+        if opts.baseline and "" not in start:
+            start.append("")
         rows = self._score(ctx, start, sample, step=0)
         template = ctx.template(opts.template, {"history", "exemplars"})
         duplicates = 0
@@ -162,18 +194,44 @@ class OPRO(loop.PromptOptimiser):
         if valid:
             metrics["opro/best_score"] = best.score
             metrics["opro/mean_score"] = sum(i.score for i in valid) / len(valid)
+        metrics["opro/instruction_chosen"] = float(bool(best.text))
         return loop.OptimiseResult(prompts=prompts, system=best.text or None, instructions=rows,
-                                   metrics=metrics)
+                                   metrics=metrics, deploy=opts.deploy)
 
     def _propose(self, ctx, meta_prompt: str, step: int) -> list[str]:
-        gen = self.optimiser_model or ctx.generator
-        adapter = ctx.adapter if self.optimiser_model is None else None
+        seed = ctx.derive_seed(self.label, "propose", step)
+        if self._endpoint is not None:
+            replies = [self._endpoint.request(meta_prompt, seed + k) for k in range(self.options.proposals)]
+            failed = [r.error for r in replies if r.text is None]
+            if failed:
+                ctx.event(f"opro: {len(failed)} of {len(replies)} optimiser requests failed "
+                          f"({failed[0]})", level="warning")
+            return [r.text for r in replies if r.text is not None]
         sampling = loop.Sampling(n=self.options.proposals, temperature=self.options.temperature,
-                                 max_new_tokens=self.options.max_new_tokens,
-                                 seed=ctx.derive_seed(self.label, "propose", step))
-        out = gen.generate(ctx, [[{"role": "user", "content": meta_prompt}]], sampling,
-                           adapter=adapter, progress=False)
+                                 max_new_tokens=self.options.max_new_tokens, seed=seed)
+        chat = [[{"role": "user", "content": meta_prompt}]]
+        if self.options.model is not None:
+            gen, own = self._second_model(ctx)
+            out = gen.generate(own, chat, sampling, adapter=None, progress=False)
+        else:
+            out = ctx.generator.generate(ctx, chat, sampling, adapter=ctx.adapter, progress=False)
         return [c.text for c in out[0]]
+
+    def _second_model(self, ctx):
+        """The optimiser model folder as its own ``Policy`` (its own weights, tokenizer and
+        LoRA slot: the run's policy is never touched), with a transformers generator and a
+        copy of ``ctx`` whose ``policy()`` is that model."""
+        if self._model is None:
+            from loop.policy import Policy
+            from plugins.generators.hf import HFGenerator
+
+            m = ctx.config.model
+            self._model = Policy(str(Path(self.options.model).expanduser().resolve()),
+                                 device=m.device, dtype=m.dtype, trust_remote_code=False,
+                                 threads=m.threads)
+            self._model_generator = HFGenerator()
+        own = dataclasses.replace(ctx, _policy_factory=lambda: self._model, adapter=None)
+        return self._model_generator, own
 
     def _score(self, ctx, texts: list[str], sample: list[loop.Prompt], *, step: int):
         """One ``loop.Instruction`` per text: the mean judge score of the policy's answers."""

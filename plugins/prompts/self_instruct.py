@@ -17,9 +17,13 @@ The algorithm (``propose``):
    then a request for one more.
 3. The policy (``ctx.generator`` with ``ctx.adapter``) writes one reply per request; its
    first paragraph, stripped of a leading list number, is the candidate prompt.
-4. A candidate is dropped when it is empty or when its word n-gram overlap with any stored
-   prompt, any seed, or a prompt already kept this round is ``max_overlap`` or more
-   (``ngram_overlap``: shared n-grams over the smaller set).
+4. Filters before a candidate enters the pool (Self-Instruct, sec. 2.4): it is dropped
+   when it is empty, shorter than ``min_words`` or longer than ``max_words`` words, holds
+   one of ``exclude_words`` (tasks a text model cannot do: images, plots, files...), or
+   when its word n-gram overlap with any stored prompt, any seed, or a prompt already kept
+   this round is ``max_overlap`` or more (``ngram_overlap``: shared n-grams over the
+   smaller set; the paper uses ROUGE-L < 0.7). ``self_instruct/kept_rate`` is the share
+   kept; ``self_instruct/dropped_<reason>`` counts the rest by reason.
 5. Each kept prompt is ``kind="derived"``, its ``parent`` is the first stored example it
    was shown, and ``meta["derived_from"]`` lists the ids of every stored example.
 """
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import loop
 from loop.templates import template_option
@@ -81,6 +85,20 @@ class SelfInstructPrompts(loop.PromptSource):
         # Word n-gram size and the overlap at or above which a prompt is a near-duplicate.
         ngram: int = Field(3, ge=1)
         max_overlap: float = Field(0.7, gt=0.0, le=1.0)
+        # Length limits in words (Self-Instruct drops too short and too long instructions).
+        min_words: int = Field(3, ge=1)
+        max_words: int = Field(150, ge=1)
+        # Prompts holding one of these words are dropped (the paper's list: tasks a text
+        # model cannot do); [] keeps everything.
+        exclude_words: list[str] = ["image", "images", "graph", "graphs", "picture", "pictures",
+                                    "file", "files", "map", "maps", "draw", "plot", "video",
+                                    "audio", "music", "flowchart", "diagram"]
+
+        @model_validator(mode="after")
+        def _lengths(self):
+            if self.max_words < self.min_words:
+                raise ValueError(f"max_words ({self.max_words}) is below min_words ({self.min_words})")
+            return self
 
     def setup(self, ctx) -> None:
         self._template(ctx)
@@ -118,12 +136,23 @@ class SelfInstructPrompts(loop.PromptSource):
         known = [ngrams(r["text"], opts.ngram) for r in stored]
         known += [ngrams(t, opts.ngram) for t in opts.seeds]
         kept: list[loop.Prompt] = []
-        dropped = {"empty": 0, "duplicate": 0}
+        dropped = {"empty": 0, "short": 0, "long": 0, "excluded": 0, "duplicate": 0}
+        excluded = {w.lower() for w in opts.exclude_words}
         for shown, reply in zip(requests, replies):
             text = parse_reply(reply[0].text)
             grams = ngrams(text, opts.ngram)
+            words = _WORD.findall(text.lower())
             if not grams:
                 dropped["empty"] += 1
+                continue
+            if len(words) < opts.min_words:
+                dropped["short"] += 1
+                continue
+            if len(words) > opts.max_words:
+                dropped["long"] += 1
+                continue
+            if excluded.intersection(words):
+                dropped["excluded"] += 1
                 continue
             if any(ngram_overlap(grams, k) >= opts.max_overlap for k in known):
                 dropped["duplicate"] += 1
@@ -140,6 +169,9 @@ class SelfInstructPrompts(loop.PromptSource):
             ))
         ctx.event(f"self_instruct: kept {len(kept)} of {len(requests)} new prompts",
                   kept=len(kept), **dropped)
+        ctx.metric("self_instruct/kept_rate", len(kept) / max(len(requests), 1))
+        for reason, count in dropped.items():
+            ctx.metric(f"self_instruct/dropped_{reason}", count)
         return kept
 
 

@@ -2,14 +2,16 @@
 
 A task (sort a few letters), its verifier, and a tiny Llama seed model trained to both
 answer and judge (Self-Rewarding Language Models, Yuan et al. 2024, in miniature). It
-registers three components, all named ``tinyworld``:
+registers four components, all named ``tinyworld``:
 
 - model builder: builds (or reuses) the seed model folder; options are ``Recipe`` fields;
 - prompt source: ``per_round`` prompts from the train split, drawn with ``ctx.rng()``, each
   with its reference answer (``Prompt.answer``, for the ``verify`` judge and evaluator);
   ``split_heldout`` gives the evaluator's fixed held-out split (disjoint by construction);
 - evaluator: greedy accuracy on a fixed held-out split, checked by the verifier, which the
-  loop itself never sees; plus answer length and the judges' agreement with the verifier.
+  loop's own judges never see; plus answer length and the judges' agreement with the verifier;
+- judge: the verifier on train-split prompts, for scorers that must not be gamed (OPRO's
+  instruction scores, as the paper's training-set accuracy); never the demo's judge.
 
 The judge prompt is ``prompts/tinyworld_judge.j2`` (variables ``prompt`` and ``response``);
 the seed model answers it with its checks and a final ``Score: N`` line.
@@ -70,7 +72,9 @@ class TinyworldPrompts(loop.PromptSource):
 class TinyworldEvaluator(loop.Evaluator):
     """Held-out accuracy by the verifier, answer length, and judge/verifier agreement.
 
-    Metrics: ``eval/accuracy`` (greedy answers that verify), ``eval/mean_length``
+    The policy answers as deployed (``ctx.chat``: after the system prompt an optimiser
+    deployed this round, e.g. OPRO's instruction). Metrics: ``eval/accuracy`` (greedy
+    answers that verify), ``eval/mean_length``
     (tokens per answer), ``eval/habit_rate`` (greedy answers showing the seed model's
     bad habit), ``judge/verifier_agreement`` (share of this round's parsed judgments
     whose ``score >= agreement_threshold`` matches the verifier) and
@@ -91,7 +95,8 @@ class TinyworldEvaluator(loop.Evaluator):
         if ctx.generator is None:
             raise loop.UserError("the tinyworld evaluator needs a generator")
         heldout = task.heldout_set(self.options.heldout, seed=self.options.heldout_seed)
-        chats = [[{"role": "user", "content": text}] for text, _ in heldout]
+        # As the policy is deployed: after the round's system prompt, if one was deployed.
+        chats = [ctx.chat(text) for text, _ in heldout]
         sampling = loop.Sampling(n=1, temperature=0.0, max_new_tokens=self.options.max_new_tokens)
         outputs = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter)
         answers = [group[0] for group in outputs]
@@ -169,6 +174,32 @@ class TinyworldEvaluator(loop.Evaluator):
         return out
 
 
+class TinyworldJudge(loop.Judge):
+    """The task's verifier as a judge: 5 for an answer that verifies, 0 for one that does
+    not, a recorded failure (None) for a prompt that is not the task's.
+
+    For scorers that must not be gamed, as OPRO's in the paper (it scores an instruction by
+    training-set accuracy): on the tiny world the policy's own rubric judge rates answers
+    written in judge mode ("Score: 1") above real ones, so OPRO with that judge deploys
+    instructions that take accuracy to 0. It reads train-split prompts only (what the
+    loop proposes); the held-out split stays the evaluator's.
+    """
+
+    name = "tinyworld"
+
+    def judge(self, ctx, candidates):
+        out = []
+        for c in candidates:
+            if task.parse_prompt(c.prompt.text) is None:
+                out.append(loop.Judgment(candidate=c, score=None, raw="",
+                                         error="not a tinyworld prompt"))
+                continue
+            ok = task.verify(c.prompt.text, c.text)
+            out.append(loop.Judgment(candidate=c, score=5.0 if ok else 0.0,
+                                     raw="verified" if ok else "wrong"))
+        return loop.JudgeResult(judgments=out)
+
+
 def _get(row: Any, key: str) -> Any:
     """A field of a store row, whether the store returns dicts or objects."""
     if isinstance(row, dict):
@@ -189,3 +220,8 @@ def register_prompt_sources(register):
 @loop.hookimpl
 def register_evaluators(register):
     register(TinyworldEvaluator)
+
+
+@loop.hookimpl
+def register_judges(register):
+    register(TinyworldJudge)

@@ -10,7 +10,9 @@ Config::
     epochs = 1
 
 Each round trains the next adapter from the previous one, against the previous round's
-policy as the reference (Yuan et al., 2024, sec. 2.3; Xu et al., 2023, iterative DPO).
+policy as the reference (Yuan et al., 2024, sec. 2.3; Xu et al., 2023, iterative DPO), or
+with ``reference = "base"`` against the starting model in every round (Dong et al., 2024,
+RLHFlow's iterative DPO). ``rounds.reference`` stores which policy it was.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from plugins.updaters.losses import LOSSES, USES_LABEL_SMOOTHING
 from plugins.updaters.training import (
     pair_lengths,
     reward_sums,
-    LoRAOptions,
     LoRAUpdater,
+    ReferenceOptions,
     chat_of,
     forward_logps,
+    reference_adapter,
     reference_logps,
     summary,
     train,
@@ -73,8 +76,9 @@ class DPOUpdater(LoRAUpdater):
 
     1. Tokenize each pair as chat-template(prompt) + response + EOS for chosen and
        rejected; only response tokens (EOS included) count.
-    2. Reference log-probs under the previous policy (``ctx.adapter``; None = the base
-       model), computed once per round without gradients and stored in the run folder
+    2. Reference log-probs under the reference policy (``reference = "previous"``: the
+       previous round's, ``ctx.adapter``, None = the base model; ``"base"``: the base
+       model every round), computed once per round without gradients and stored in the run folder
        (``reference_logps``): a resumed update reads them back.
     3. Continue the previous adapter (a fresh LoRA from ``ctx.seed`` when there is none).
     4. For each optimizer step (pairs shuffled per epoch from ``ctx.seed``, grouped by
@@ -90,7 +94,7 @@ class DPOUpdater(LoRAUpdater):
 
     name = "dpo"
 
-    class Options(LoRAOptions):
+    class Options(ReferenceOptions):
         # Which preference loss (a key of plugins.updaters.losses.LOSSES).
         loss: str = "sigmoid"
         # KL strength: how far the policy may move from the reference (DPO's beta).
@@ -142,7 +146,8 @@ class DPOUpdater(LoRAUpdater):
         policy.save_adapter(output_dir)
         metrics = summary(steps, len(pairs), "pairs")
         metrics["train/ref_cache_hit"] = float(hit)
-        return loop.UpdateResult(steps=steps, metrics=metrics)
+        return loop.UpdateResult(steps=steps, metrics=metrics,
+                                 reference=reference_adapter(self, ctx)[1])
 
 
 @loop.hookimpl

@@ -1,7 +1,14 @@
-"""Supervised fine-tuning of a fresh LoRA adapter: ``train_sft``, reusable by any component.
+"""Supervised fine-tuning: the ``sft`` updater (SL-CAI) and ``train_sft``, a fresh LoRA
+adapter for any component.
 
-The BPO prompt optimiser trains its prompt rewriter with it (plugins/prompts/bpo.py). It is
-a function, not an updater: the round's update phase stays with the configured updater.
+``[updater] name = "sft"`` trains the policy on (prompt, answer) examples of the round's
+selection: with ``train_on = "revisions"`` (the default) the final revisions a
+constitutional judge wrote, offered as the chosen side of its pairs (the paper's SL-CAI
+stage: fine-tune on the revised answers); with ``"chosen"`` every selected pair's chosen
+answer. Put it in a ``[[stages]]`` entry before a preference updater to run SL-CAI, then
+RL-CAI, in one config (configs/cai_stages.toml).
+
+The BPO prompt optimiser trains its prompt rewriter with ``train_sft`` (plugins/prompts/bpo.py).
 
 The algorithm (``train_sft``):
 
@@ -16,13 +23,63 @@ The algorithm (``train_sft``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from pydantic import ConfigDict, Field
 
 import loop
 from loop.config import Checked
 from plugins.sequences import encode_prompt, encode_response, truncate
+from plugins.updaters.training import LoRAOptions, LoRAUpdater, encode, summary
+
+
+class SFTUpdater(LoRAUpdater):
+    """Supervised training of the next adapter on (prompt, answer) examples.
+
+    1. The examples: the chosen answers of the selection's pairs that are revisions
+       (``train_on = "revisions"``: ``candidate.source == "revision"``, the final text of
+       a critique-revision chain), or every pair's chosen answer (``"chosen"``), each
+       answer once. None: a clear error naming what would give some.
+    2. Continue the previous adapter with RAFT's supervised path (per-example mean token
+       NLL, the shared training loop) and save it.
+
+    Metrics: ``train/nll``, ``train/tokens`` per step; ``train/examples``.
+    """
+
+    name = "sft"
+
+    class Options(LoRAOptions):
+        # What to imitate: a constitutional judge's revisions (SL-CAI) or every chosen answer.
+        train_on: Literal["revisions", "chosen"] = "revisions"
+
+    def update(self, ctx, selection: loop.Selection, output_dir: str) -> loop.UpdateResult:
+        from plugins.updaters.raft import supervised
+
+        opts = self.options
+        seen, rows = set(), []
+        for p in selection.pairs:
+            if opts.train_on == "revisions" and p.chosen.source != "revision":
+                continue
+            if id(p.chosen) not in seen:
+                seen.add(id(p.chosen))
+                rows.append(p.chosen)
+        if not rows:
+            want = ("revisions: add a constitutional judge and keep its offered pairs "
+                    "([selector] use_offered = true)" if opts.train_on == "revisions"
+                    else "pairs: use a selector that makes them (name = \"pairs\")")
+            raise loop.UserError(
+                f"sft updater: nothing to train on this round ({len(selection.pairs)} pairs, "
+                f"none with a chosen answer to imitate); train_on = {opts.train_on!r} needs {want}")
+        tok = ctx.policy().tokenizer
+        examples = [encode(tok, c.prompt, c.text, ctx.system, opts.max_length) for c in rows]
+        steps = supervised(self, ctx, examples)
+        ctx.policy().save_adapter(output_dir)
+        return loop.UpdateResult(steps=steps, metrics=summary(steps, len(rows), "examples"))
+
+
+@loop.hookimpl
+def register_updaters(register):
+    register(SFTUpdater)
 
 
 class SFTOptions(Checked):

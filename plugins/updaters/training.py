@@ -64,6 +64,21 @@ class LoRAOptions(loop.Updater.Options):
     target_modules: str | list[str] = "all-linear"
 
 
+class ReferenceOptions(LoRAOptions):
+    """Options of the updaters whose loss measures the policy against a reference."""
+
+    # "previous": the previous round's policy (Self-Rewarding, iterative DPO); "base": the
+    # starting model in every round (the fixed reference of RLHFlow's iterative DPO).
+    reference: Literal["previous", "base"] = "previous"
+
+
+def reference_adapter(updater, ctx) -> tuple[str | None, str]:
+    """(adapter folder or None, policy label) of the reference this round."""
+    if getattr(updater.options, "reference", "previous") == "base" or ctx.adapter is None:
+        return None, "base"
+    return ctx.adapter, ctx.policy_label
+
+
 class LoRAUpdater(loop.Updater):
     """Base of the LoRA updaters: options, LoRA config and the shared train loop."""
 
@@ -256,7 +271,8 @@ def reference_logps(
     sequences: Sequence[Sequence[tuple[list[int], list[int]]]],
     tag: str,
 ) -> tuple[torch.Tensor, bool]:
-    """Reference log-probs [N, k] of each unit's k sequences under ``ctx.adapter``.
+    """Reference log-probs [N, k] of each unit's k sequences under the reference policy
+    (``reference_adapter``: ``ctx.adapter``, or the base model with ``reference = "base"``).
 
     Computed once per round without gradients and stored in
     ``<run_dir>/cache/ref-round-<r>-<tag>.safetensors`` keyed by the units' ids (written
@@ -270,7 +286,8 @@ def reference_logps(
     ids = torch.tensor([-1 if k is None else int(k) for k in keys], dtype=torch.int64)
     cacheable = all(k is not None for k in keys) and ctx.store is not None
     path = Path(ctx.run_dir) / "cache" / f"ref-round-{ctx.round}-{tag}.safetensors"
-    meta = {"adapter": str(ctx.adapter), "max_length": str(opts.max_length)}
+    adapter, _ = reference_adapter(updater, ctx)
+    meta = {"adapter": str(adapter), "max_length": str(opts.max_length)}
     if cacheable and path.is_file():
         from safetensors import safe_open
 
@@ -283,7 +300,7 @@ def reference_logps(
     tok = policy.tokenizer
     width = len(sequences[0]) if sequences else 0
     out = torch.empty(len(sequences), width)
-    with policy.using(ctx.adapter) as ref_model, torch.no_grad():
+    with policy.using(adapter) as ref_model, torch.no_grad():
         ref_model.eval()
         for start in range(0, len(sequences), opts.batch_size):
             chunk = sequences[start : start + opts.batch_size]
