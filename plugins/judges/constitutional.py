@@ -36,7 +36,8 @@ from pydantic import (
 )
 
 import loop
-from loop.templates import PROMPTS_DIR, quote
+from loop.resources import shipped
+from loop.templates import quote
 
 # ---------------------------------------------------------------------------
 # The constitution file
@@ -74,7 +75,7 @@ def resolve_constitution(name: str, base: Path | None = None) -> Path:
         if not p.is_absolute() and base is not None:
             p = Path(base) / p
         return p
-    return PROMPTS_DIR / f"{name}.toml"
+    return shipped("prompts", f"{name}.toml")
 
 
 def load_constitution(path: Path) -> Constitution:
