@@ -1,66 +1,44 @@
-"""``dataset``: prompts from your own file, a fixed number per round.
+"""``dataset``: prompts from your own data, a fixed number per round.
 
     [[prompts]]
     name = "dataset"
-    path = "prompts.jsonl"   # JSONL: one object per line, the prompt under `field`
-    field = "prompt"          # or a .txt file: one prompt per line
+    path = "prompts.jsonl"    # .jsonl/.json, .csv/.tsv, .parquet, .txt, a save_to_disk
+                              # folder, or a dataset name in the local datasets cache
+    field = "prompt"          # the column holding the prompt text (else chat `messages`)
     per_round = 64
 
-The file is read and checked when the config is validated (before any run folder
-exists); a relative path is taken from the config file's folder and saved absolute. Each
-round takes the next ``per_round`` prompts of a shuffled order (seeded by the run seed,
-reshuffled each pass over the file), so rounds see different prompts and a resumed
-round sees the same ones.
+Data is read through the ``datasets`` library (plugins/prompts/reading.py: formats, chat
+rows, the optional ``answer`` column) and checked when the config is validated (before any
+run folder exists); a relative path is taken from the config file's folder and saved
+absolute. Each round takes the next ``per_round`` prompts of a shuffled order (seeded by the
+run seed, reshuffled each pass over the data), so rounds see different prompts and a
+resumed round sees the same ones.
 """
 
 from __future__ import annotations
 
-import json
-import random
+import hashlib
 from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 import loop
-
-
-def read_prompts(path: Path, field: str, system_field: str | None) -> list[tuple[str, str | None]]:
-    """(prompt, system) per line; ValueError naming the line for anything malformed."""
-    out = []
-    jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if not jsonl:
-                out.append((line, None))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {number} is not JSON ({e.msg}); write one object per line")
-            if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field].strip():
-                raise ValueError(
-                    f"{path}: line {number} has no text under {field!r}; set `field` to the key "
-                    "that holds the prompt"
-                )
-            system = row.get(system_field) if system_field else None
-            out.append((row[field], system if isinstance(system, str) else None))
-    if not out:
-        raise ValueError(f"{path}: no prompts in the file")
-    return out
+from plugins.prompts.reading import HUB_NAME, PromptSpec, read_prompt_data
 
 
 class DatasetPrompts(loop.PromptSource):
     name = "dataset"
 
     class Options(loop.PromptSource.Options):
-        path: str  # a .jsonl file (one object per line) or a text file (one prompt per line)
-        field: str = "prompt"  # the JSONL key holding the prompt text
-        system_field: str | None = None  # an optional JSONL key holding a system prompt
+        path: str  # a prompts file, a save_to_disk folder, or a cached dataset name
+        field: str = "prompt"  # the column holding the prompt text
+        messages_field: str = "messages"  # else: the column holding chat turns
+        system_field: str | None = None  # an optional column holding a system prompt
+        answer_field: str = "answer"  # an optional column with the reference answer
+        split: str = "train"  # the split of a folder or cached dataset with several
+        subset: str | None = None  # a cached dataset's configuration name, if it has several
         per_round: int = Field(64, ge=1)  # prompts each round adds
-        shuffle: bool = True  # False: take the file in order
+        shuffle: bool = True  # False: take the data in order
 
         @field_validator("path")
         @classmethod
@@ -69,38 +47,52 @@ class DatasetPrompts(loop.PromptSource):
             base = (info.context or {}).get("source_dir")
             if not p.is_absolute() and base is not None:
                 p = Path(base) / p
-            if not p.is_file():
-                raise ValueError(f"prompts file {value!r} not found (looked at {p}); fix the path")
-            return str(p.resolve())
+            if p.exists():
+                return str(p.resolve())
+            if HUB_NAME.match(value) and not p.suffix:
+                return value  # a dataset name: looked up in the local cache
+            raise ValueError(f"prompts file {value!r} not found (looked at {p}); fix the path")
+
+        def spec(self) -> PromptSpec:
+            return PromptSpec(self.path, self.field, self.messages_field, self.system_field,
+                              self.answer_field, self.split, self.subset)
 
         @model_validator(mode="after")
         def _readable(self):
-            read_prompts(Path(self.path), self.field, self.system_field)
+            read_prompt_data(self.spec())
             return self
 
     def setup(self, ctx) -> None:
-        self._rows = read_prompts(Path(self.options.path), self.options.field, self.options.system_field)
-        self._orders: dict[int, list[int]] = {}
+        self._data = read_prompt_data(self.options.spec())
+        self._orders: dict[int, object] = {}
 
-    def _order(self, seed: int, epoch: int) -> list[int]:
-        """The file's order in pass ``epoch``: a seeded shuffle, the same on every resume."""
+    def _order(self, seed: int, epoch: int):
+        """The data's order in pass ``epoch``: a seeded permutation (a numpy array, 8 bytes
+        a row, however large the data), the same on every resume."""
+        import numpy as np
+
         if epoch not in self._orders:
-            order = list(range(len(self._rows)))
+            n = len(self._data)
             if self.options.shuffle:
-                random.Random(f"{seed}:dataset:{epoch}").shuffle(order)
-            self._orders[epoch] = order
+                key = hashlib.sha256(f"{seed}:dataset:{epoch}".encode()).digest()
+                rng = np.random.Generator(np.random.PCG64(int.from_bytes(key[:8], "little")))
+                self._orders[epoch] = rng.permutation(n)
+            else:
+                self._orders[epoch] = np.arange(n)
         return self._orders[epoch]
 
     def propose(self, ctx) -> list[loop.Prompt]:
-        n, k = len(self._rows), self.options.per_round
+        n, k = len(self._data), self.options.per_round
         start = (ctx.round - 1) * k  # rounds are numbered from 1
         prompts = []
         for i in range(start, start + k):
             epoch, pos = divmod(i, n)
-            index = self._order(ctx.config.seed, epoch)[pos]
-            text, system = self._rows[index]
-            prompts.append(loop.Prompt(text=text, system=system, source=self.label,
-                                       meta={"line_index": index, "epoch": epoch}))
+            index = int(self._order(ctx.config.seed, epoch)[pos])
+            text, system, answer = self._data.row(index)
+            meta = {"line_index": index, "epoch": epoch}
+            if answer is not None:
+                meta["answer"] = answer
+            prompts.append(loop.Prompt(text=text, system=system, source=self.label, meta=meta))
         return prompts
 
 
