@@ -190,28 +190,37 @@ def report(run_dir, as_json):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--round", "round_", type=int, default=None, help="Only this round.")
-@click.option("-o", "--output", type=click.File("w"), default="-", help="Output file (JSONL).")
-def export(run_dir, round_, output):
-    """Write the selected preference pairs as JSONL (prompt, chosen, rejected, scores)."""
+@click.option("--format", "fmt", type=click.Choice(["trl-dpo", "trl-sft", "trl-kto", "jsonl"]),
+              default="jsonl", show_default=True,
+              help="trl-dpo/trl-sft/trl-kto: TRL's conversational formats; jsonl: plain text.")
+@click.option("--round", "round_", type=int, default=None, help="Only this round (default: all).")
+@click.option("-o", "--output", default="-", show_default=True,
+              help="A .jsonl or .parquet file; - writes JSON Lines to stdout.")
+def export(run_dir, fmt, round_, output):
+    """Write a run's training data (pairs, or selected answers) for other trainers.
+
+    \b
+      selfloop export runs/demo --format trl-dpo -o pairs.jsonl
+      selfloop export runs/demo --format trl-kto --round 2 -o round2.parquet
+    """
+    from loop.export import export_rows, output_kind, write_jsonl, write_parquet
     from loop.monitor import open_reader
 
+    kind = output_kind(output)
     store = open_reader(run_dir)
     try:
-        sql = (
-            "select p.round, pr.text as prompt, ch.text as chosen, rj.text as rejected, "
-            "p.chosen_score, p.rejected_score, p.source from pairs p "
-            "join prompts pr on pr.id = p.prompt_id join candidates ch on ch.id = p.chosen_id "
-            "join candidates rj on rj.id = p.rejected_id where p.selected = 1"
-        )
-        params: list = []
-        if round_ is not None:
-            sql += " and p.round = ?"
-            params.append(round_)
-        for row in store.rows(sql + " order by p.id", params):
-            output.write(json.dumps(row) + "\n")
+        rows = export_rows(store, fmt, round_)
     finally:
         store.close()
+    if kind == "parquet":
+        write_parquet(rows, output)
+    elif output == "-":
+        write_jsonl(rows, sys.stdout)
+    else:
+        with open(output, "w", encoding="utf-8") as fh:
+            write_jsonl(rows, fh)
+    where = "stdout" if output == "-" else output
+    click.echo(f"exported {len(rows)} {fmt} rows to {where}", err=True)
 
 
 @cli.command(name="plugins")
