@@ -50,7 +50,7 @@ def model_card(*, run: str, round: int, base_model: str, updater: dict, init_fro
         f"## Metrics of round {round}",
         "",
         "Recorded by the run up to and including this update (this adapter's own evaluation "
-        f"follows it: `selfloop report` on the run folder, or the `metrics` table of run.db).",
+        "follows it: `selfloop report` on the run folder, or the `metrics` table of run.db).",
         "",
         *_table(metrics),
     ]

@@ -533,7 +533,7 @@ class Runner:
 
         if not folder.is_dir():
             return  # the updater wrote nothing; install_adapter says so
-        metrics = {**self.store.metrics(ctx.round), **result.metrics}
+        metrics = {**self.store.metrics(ctx.round), **result.metrics, "train/steps": len(result.steps)}
         metrics = {k: v for k, v in metrics.items() if not k.startswith("eval/")}
         prev = ctx.adapter
         config = json.loads(self.store.run_row()["config"])  # resolved: defaults filled in
