@@ -30,7 +30,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loop.errors import ConfigError
 
@@ -56,6 +56,18 @@ class ComponentSpec(BaseModel):
 class JudgeSpec(ComponentSpec):
     weight: float = Field(1.0, gt=0)  # share of this judge in the combined score
     label: str | None = Field(None, pattern=NAME_RE)  # tells two judges of one kind apart
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _renamed(cls, value):
+        # Migration: reward_model's logit index used to be called `label`, which is this
+        # field (the judge's name), so a number here is that old option.
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(
+                f"`label` names the judge (text); the reward model's logit index, once called "
+                f"`label`, is now `score_index`: write score_index = {value}"
+            )
+        return value
 
 
 class ModelConfig(Strict):
