@@ -116,7 +116,13 @@ def _read(spec: PromptSpec, _file_key) -> PromptData:
                                       batched=True, batch_size=BATCH))
     if len(ds) == 0:
         raise ValueError(f"{where}: no prompts in the file")
-    _check(ds, where, spec, column, chat, answer)
+    try:
+        _check(ds, where, spec, column, chat, answer)
+    except UnicodeDecodeError as e:  # pyarrow's JSON reader lets bad UTF-8 through
+        if not Path(spec.path).is_file():
+            raise ValueError(f"{where}: text that is not UTF-8 ({e})") from None
+        builder = BUILDERS.get(Path(spec.path).suffix.lower(), ("parquet", {}))[0]
+        raise ValueError(_file_error(Path(spec.path), builder, e)) from None
     return PromptData(spec, ds, column, chat, answer)
 
 
@@ -241,6 +247,8 @@ def _from_file(path: Path, builder: str, options: dict):
 def _file_error(path: Path, builder: str, error: Exception) -> str:
     """One line for a file datasets could not read: the first bad line where there are
     lines (bad UTF-8, a line that is not JSON), else the reader's own reason."""
+    if _blank(path):
+        return f"{path}: no prompts in the file"
     line = _bad_line(path, builder)
     if line is not None:
         return f"{path}: line {line[0]} {line[1]}"
@@ -273,6 +281,11 @@ def _bad_line(path: Path, builder: str) -> tuple[int, str] | None:
                     reason = str(e).split(" in row")[0].removeprefix("JSON parse error: ")
                     return number, f"is not JSON ({reason}); write one object per line"
     return None
+
+
+def _blank(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return all(not chunk.strip(b"\xef\xbb\xbf \t\r\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
