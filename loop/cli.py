@@ -211,44 +211,39 @@ def report(run_dir, as_json):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--round", "round_", type=int, default=None, help="Only this round.")
+@click.option("--format", "fmt", type=click.Choice(["trl-dpo", "trl-sft", "trl-kto", "jsonl"]),
+              default="jsonl", show_default=True,
+              help="trl-dpo/trl-sft/trl-kto: TRL's conversational formats; jsonl: plain text.")
+@click.option("--round", "round_", type=int, default=None, help="Only this round (default: all).")
 @click.option("-o", "--output", default="-", show_default=True,
-              help="Output file (JSONL); never inside a run folder.")
+              help="A .jsonl or .parquet file (never inside a run folder); - writes JSON Lines to stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
-def export(run_dir, round_, output, force):
-    """Write the selected preference pairs as JSONL (prompt, chosen, rejected, scores)."""
-    from loop.output import open_output
+def export(run_dir, fmt, round_, output, force):
+    """Write a run's training data (pairs, or selected answers) for other trainers.
 
-    # Checked before the database is read (never inside a run folder, never over a file
-    # without --force), written to a temp file that is renamed into place at the end.
-    with open_output(output, force=force, protect=(run_dir,)) as output:
-        _export_pairs(run_dir, round_, output)
-
-
-def _export_pairs(run_dir, round_, output) -> None:
+    \b
+      selfloop export runs/demo --format trl-dpo -o pairs.jsonl
+      selfloop export runs/demo --format trl-kto --round 2 -o round2.parquet
+    """
+    from loop.export import export_rows, output_kind, write_jsonl, write_parquet
     from loop.integrity import reading
     from loop.monitor import open_reader
+    from loop.output import check_output, open_output
 
+    if output != "-":  # checked before the database is read
+        check_output(output, force=force, protect=(run_dir,))
+    kind = output_kind(output)
     with reading(run_dir):
-        _write_pairs(open_reader(run_dir), round_, output)
-
-
-def _write_pairs(store, round_, output) -> None:
-    try:
-        sql = (
-            "select p.round, pr.text as prompt, ch.text as chosen, rj.text as rejected, "
-            "p.chosen_score, p.rejected_score, p.source from pairs p "
-            "join prompts pr on pr.id = p.prompt_id join candidates ch on ch.id = p.chosen_id "
-            "join candidates rj on rj.id = p.rejected_id where p.selected = 1"
-        )
-        params: list = []
-        if round_ is not None:
-            sql += " and p.round = ?"
-            params.append(round_)
-        for row in store.rows(sql + " order by p.id", params):
-            output.write(json.dumps(row) + "\n")
-    finally:
-        store.close()
+        store = open_reader(run_dir)
+        try:
+            rows = export_rows(store, fmt, round_)
+        finally:
+            store.close()
+    # Written to a temp file beside the target, renamed into place at the end.
+    with open_output(output, force=force, protect=(run_dir,), binary=kind == "parquet") as out:
+        (write_parquet if kind == "parquet" else write_jsonl)(rows, out)
+    where = "stdout" if output == "-" else output
+    click.echo(f"exported {len(rows)} {fmt} rows to {where}", err=True)
 
 
 @cli.command(name="plugins")

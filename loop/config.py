@@ -97,6 +97,18 @@ class JudgeSpec(ComponentSpec):
     weight: float = Field(1.0, gt=0)  # share of this judge in the combined score
     label: str | None = Field(None, pattern=NAME_RE)  # tells two judges of one kind apart
 
+    @field_validator("label", mode="before")
+    @classmethod
+    def _renamed(cls, value):
+        # Migration: reward_model's logit index used to be called `label`, which is this
+        # field (the judge's name), so a number here is that old option.
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(
+                f"`label` names the judge (text); the reward model's logit index, once called "
+                f"`label`, is now `score_index`: write score_index = {value}"
+            )
+        return value
+
 
 class EvaluatorSpec(ComponentSpec):
     label: str | None = Field(None, pattern=NAME_RE)  # names its metrics: eval/<label>/...

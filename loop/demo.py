@@ -19,8 +19,9 @@ from rich.console import Console
 from loop import __version__
 from loop import runner as r
 from loop.errors import UserError
+from loop.resources import shipped
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+DEMO_CONFIG = shipped("configs", "demo.toml")
 
 
 def run_demo(rounds: int = 3, name: str = "demo", overrides: list[str] = (), progress: str = "auto",

@@ -46,15 +46,17 @@ def check_output(path: str | Path, *, force: bool = False, protect: tuple = ()) 
 
 
 @contextmanager
-def open_output(path: str | Path, *, force: bool = False, protect: tuple = ()) -> Iterator[IO[str]]:
-    """``with open_output(path) as out: out.write(...)``: checked, then written atomically."""
+def open_output(path: str | Path, *, force: bool = False, protect: tuple = (),
+                binary: bool = False) -> Iterator[IO]:
+    """``with open_output(path) as out: out.write(...)``: checked, then written atomically
+    (``binary``: a bytes file, e.g. for Parquet)."""
     if str(path) == "-":
-        yield sys.stdout
+        yield sys.stdout.buffer if binary else sys.stdout
         return
     target = check_output(path, force=force, protect=protect)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as out:
             yield out
             out.flush()
             os.fsync(out.fileno())

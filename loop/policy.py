@@ -279,7 +279,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def install_adapter(tmp_dir: str, final_dir: str) -> None:
-    """Atomically move a finished adapter folder into place (replacing a stale one)."""
+    """Atomically move a finished adapter folder into place (replacing a stale one).
+
+    Its files get the mode any other file would (0644 under the usual umask): safetensors
+    writes 0600, which keeps other users and a separate vLLM server account out."""
+    for f in Path(tmp_dir).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~_umask())
     final = Path(final_dir)
     if final.exists():
         shutil.rmtree(final)
@@ -289,3 +295,16 @@ def install_adapter(tmp_dir: str, final_dir: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -1,7 +1,8 @@
 """Prompt templates: jinja2 files under ``prompts/`` (or any path), checked when loaded.
 
 A template is named either by a built-in name (``"self_reward"`` is
-``prompts/self_reward.j2``) or by a path to a ``.j2`` file, relative to the config file.
+``prompts/self_reward.j2``, shipped with selfloop: loop/resources.py) or by a path to a
+``.j2`` file, relative to the config file.
 Loading checks that the template uses every variable the caller will pass (``required``)
 and no other but the ones it may use (``optional``, such as few-shot ``examples``), so a
 typo in a template is a start-up error, not a silent empty string.
@@ -26,8 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import AfterValidator, ValidationInfo
 
 from loop.errors import UserError
-
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+from loop.resources import shipped
 
 
 class Template:
@@ -91,7 +91,7 @@ def resolve_template_path(name: str, base: Path | None = None) -> Path:
             candidates.append(base / p)
         candidates.append(p)
     else:
-        candidates.append(PROMPTS_DIR / f"{name}.j2")
+        candidates.append(shipped("prompts", f"{name}.j2"))
     for c in candidates:
         if c.is_file():
             return c.resolve()

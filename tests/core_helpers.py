@@ -248,11 +248,20 @@ def db_snapshot(db_path: Path, replace: dict[str, str] | None = None) -> dict:
     return out
 
 
-def tree_snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (hidden ones included) -> sha256 of its bytes."""
+def tree_snapshot(folder: Path, replace: dict[str, str] | None = None) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones included) -> sha256 of its bytes; in model
+    cards (README.md) each ``replace`` key is replaced first (a run folder's own path)."""
     folder = Path(folder)
+
+    def content(p: Path) -> bytes:
+        data = p.read_bytes()
+        if p.name == "README.md":
+            for old, new in (replace or {}).items():
+                data = data.replace(old.encode(), new.encode())
+        return data
+
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(folder)): hashlib.sha256(content(p)).hexdigest()
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     } | {str(p.relative_to(folder)) + "/": "dir" for p in sorted(folder.rglob("*")) if p.is_dir()}

@@ -86,14 +86,24 @@ def test_one_round_stores_every_artifact_linked_to_its_source(demo_run):
 
 def test_round_adapter_is_a_plain_peft_folder(demo_run):
     import torch
+
+    from loop.policy import _umask
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, _ = demo_run
     adapter = run_dir / "adapters" / "round-1"
-    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
-    assert not list((run_dir / "adapters").glob(".*tmp*"))
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                   "README.md"}
+    # Readable like any PEFT save (safetensors alone writes 0600), with a model card.
+    assert {p.stat().st_mode & 0o777 for p in adapter.iterdir()} == {0o666 & ~_umask()}
+    card = (adapter / "README.md").read_text()
     model_path = q(run_dir / "run.db", "select model_path from runs")[0]["model_path"]
+    for needle in (f"base_model: \"{model_path}\"", "round 1 of run", "**dpo (loss sigmoid)**",
+                   "| `train/steps` |", "| `judge/", "Evaluation of the policy that wrote round 1's data",
+                   "| `eval/accuracy` |", '"updater": {'):
+        assert needle in card, needle
+    assert not list((run_dir / "adapters").glob(".*tmp*"))
     base = AutoModelForCausalLM.from_pretrained(model_path)
     tok = AutoTokenizer.from_pretrained(model_path)
     ids = tok.apply_chat_template([{"role": "user", "content": "Sort the letters: c a b"}],

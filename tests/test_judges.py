@@ -353,6 +353,29 @@ def test_reward_model_folder_errors(tmp_path, reward_model_dir):
                     "judges[0]", "run.toml", source_dir=reward_model_dir.parent)
 
 
+def test_reward_model_score_index_and_the_old_label_option(tmp_path, reward_model_dir):
+    from loop.config import config_from_dict
+
+    spec = JudgeSpec(name="reward_model", path=str(reward_model_dir), score_index=0, label="rm")
+    assert spec.label == "rm"  # a text label still names the judge
+    assert build_component("judge", spec, "judges[0]", "run.toml").options.score_index == 0
+    # Setup refuses an index past the head's outputs (this head has one).
+    judge = build_component("judge", JudgeSpec(name="reward_model", path=str(reward_model_dir),
+                                               score_index=1), "judges[0]", "run.toml")
+    with pytest.raises(loop.UserError, match="has 1 output.*`score_index` must be below that"):
+        judge.setup(make_context(phase="judge"))
+    # The old name: one config error that names the new one.
+    data = {"name": "x", "rounds": 1, "model": {"path": str(reward_model_dir)}, "generator": {"name": "hf"},
+            "prompts": [{"name": "dataset", "path": "p.jsonl"}], "selector": {"name": "pairs"},
+            "updater": {"name": "dpo"},
+            "judges": [{"name": "reward_model", "path": str(reward_model_dir), "label": 1}]}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, label="run.toml")
+    assert str(e.value) == ("run.toml: judges[0].label: `label` names the judge (text); the reward "
+                            "model's logit index, once called `label`, is now `score_index`: "
+                            "write score_index = 1")
+
+
 # ---------------------------------------------------------------------------
 # Judge-quality figures and the length-bias warning
 # ---------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def reference(tmp_path_factory):
 
 
 def snapshot(run_dir: Path, runs: Path):
-    return db_snapshot(run_dir / "run.db", replace={str(runs): "<RUNS>"}), tree_snapshot(run_dir / "adapters")
+    return db_snapshot(run_dir / "run.db", replace={str(runs): "<RUNS>"}), tree_snapshot(run_dir / "adapters", {str(runs): "<RUNS>"})
 
 
 def assert_same(ref: dict, got: dict) -> None:
@@ -121,8 +121,8 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, reference, nam
     got_db, got_adapters = snapshot(run_dir, runs)
     assert_same(ref_db, got_db)
     assert got_adapters == ref_adapters
-    assert sorted(got_adapters) == ["round-1/", "round-1/adapter_config.json",
-                                    "round-1/adapter_model.safetensors", "round-2/",
+    assert sorted(got_adapters) == ["round-1/", "round-1/README.md", "round-1/adapter_config.json",
+                                    "round-1/adapter_model.safetensors", "round-2/", "round-2/README.md",
                                     "round-2/adapter_config.json", "round-2/adapter_model.safetensors"]
     # The saved config is the run's own, unchanged by the kills.
     assert json.loads((run_dir / "config.json").read_text())["generator"]["sleep"] == SLOW["generator"]["sleep"]

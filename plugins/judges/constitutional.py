@@ -36,7 +36,8 @@ from pydantic import (
 )
 
 import loop
-from loop.templates import PROMPTS_DIR, quote, template_option
+from loop.resources import shipped
+from loop.templates import quote, template_option
 
 # ---------------------------------------------------------------------------
 # The constitution file
@@ -106,7 +107,7 @@ def resolve_constitution(name: str, base: Path | None = None) -> Path:
         if not p.is_absolute() and base is not None:
             p = Path(base) / p
         return p
-    return PROMPTS_DIR / f"{name}.toml"
+    return shipped("prompts", f"{name}.toml")
 
 
 def load_constitution(path: Path) -> Constitution:

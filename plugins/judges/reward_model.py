@@ -9,7 +9,7 @@ Config::
     batch_size = 16
     weight = 0.5
 
-The score is the model's logit (``label``, default 0) for the chat
+The score is the model's logit number ``score_index`` (default 0) for the chat
 ``[user: prompt, assistant: response]``: one judgment per candidate, deterministic, so
 it never fails to parse. Weights load from safetensors only; ``trust_remote_code`` is off
 unless this section turns it on. Long chats are cut from the left (the answer's end is
@@ -54,8 +54,9 @@ class RewardModelJudge(loop.Judge):
     class Options(loop.Judge.Options):
         # A local AutoModelForSequenceClassification folder (relative to the config file).
         path: str
-        # Which output logit is the reward (0 for the usual one-label reward head).
-        label: int = Field(0, ge=0)
+        # Which output logit is the reward (0 for the usual one-label reward head). It was
+        # `label` before 0.2, which is the judge's own name: loop/config.py says so.
+        score_index: int = Field(0, ge=0)
         # Chats per forward pass.
         batch_size: int = Field(16, ge=1)
         # Tokens kept per chat (cut from the left).
@@ -96,10 +97,10 @@ class RewardModelJudge(loop.Judge):
             str(folder), dtype=dtype, use_safetensors=True, trust_remote_code=o.trust_remote_code)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
-        if o.label >= model.config.num_labels:
+        if o.score_index >= model.config.num_labels:
             raise loop.UserError(
                 f"reward model folder {folder} has {model.config.num_labels} output(s); "
-                f"`label` must be below that (got {o.label})"
+                f"`score_index` must be below that (got {o.score_index})"
             )
         self._tok, self._model = tok, model.to(device).eval()
 
@@ -125,7 +126,7 @@ class RewardModelJudge(loop.Judge):
                                   add_special_tokens=False, return_tensors="pt")
                 batch = {k: v.to(self._model.device) for k, v in batch.items()}
                 logits = self._model(**batch).logits
-                out.extend(logits[:, self.options.label].float().tolist())
+                out.extend(logits[:, self.options.score_index].float().tolist())
         return out
 
     def judge(self, ctx, candidates: list[loop.Candidate]) -> loop.JudgeResult:

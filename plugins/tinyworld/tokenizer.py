@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 import string
-from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from loop.resources import shipped
 from plugins.tinyworld import task
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "<|end|>", "<unk>"
@@ -39,7 +39,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-JUDGE_TEMPLATE = Path(__file__).resolve().parents[2] / "prompts" / "tinyworld_judge.j2"
+JUDGE_TEMPLATE = shipped("prompts", "tinyworld_judge.j2")
 
 # Words the model may meet besides the judge template's: the task prompt, the judgment
 # lines, and a few common words for system prompts.
