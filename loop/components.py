@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from loop.config import Checked
+from loop.checked import Checked
 
 if TYPE_CHECKING:  # pragma: no cover
     from loop.context import Context

@@ -26,8 +26,6 @@ A minimal config::
 from __future__ import annotations
 
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,11 +35,11 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from loop.checked import Checked
 from loop.errors import ConfigError
 from loop.guards import GuardsConfig
 
@@ -50,31 +48,6 @@ NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 NAME_MAX = 200
 # Seeds reach random, numpy (< 2**32), torch and an SQLite integer column.
 SEED_MAX = 2**32 - 1
-
-
-def _is_number_field(annotation) -> bool:
-    """int / float / Optional of them (not bool, not a union that admits bool)."""
-    if annotation in (int, float):
-        return True
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return bool(args) and bool not in args and all(_is_number_field(a) for a in args)
-    return False
-
-
-class Checked(BaseModel):
-    """Base of every config section and component ``Options``: numbers are finite
-    (``inf``/``nan`` refused), and TOML ``true``/``false`` is never taken as a number."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, value, info: ValidationInfo):
-        field = cls.model_fields.get(info.field_name)
-        if isinstance(value, bool) and field is not None and _is_number_field(field.annotation):
-            raise ValueError(f"{str(value).lower()} is not a number; write a number")
-        return value
 
 
 class Strict(Checked):

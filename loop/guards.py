@@ -13,13 +13,14 @@ switch it off.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from loop.checked import Checked
 from loop.errors import UserError
 
 
-class GuardsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GuardsConfig(Checked):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # Fail the judge phase when a judge leaves more than this share of its judgments unparsed.
     max_parse_failure_rate: float = Field(0.5, ge=0, le=1)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
+
+from loop.checked import Checked
 
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -114,10 +116,10 @@ def load_function(spec: str, base: Path | None = None) -> Callable:
     return fn
 
 
-class VerifyOptions(BaseModel):
+class VerifyOptions(Checked):
     """The options of answer checking (the ``verify`` judge's and evaluator's)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # How to read the answer: exact | last_number | boxed | regex (with `pattern`).
     extract: Literal["exact", "last_number", "boxed", "regex"] = "exact"

@@ -202,7 +202,7 @@ def _numeric_fields(model, prefix=""):
     """(dotted name, model, field, is_float) for every int/float field, nested sections too."""
     from pydantic import BaseModel
 
-    from loop.config import _is_number_field
+    from loop.checked import _is_number_field
 
     for name, f in model.model_fields.items():
         if _is_number_field(f.annotation):

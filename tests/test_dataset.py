@@ -189,10 +189,10 @@ def test_chat_rows_answer_the_last_user_turn(tmp_path):
     result = cli_inprocess("run", str(config), "--progress", "off")
     assert result.exit_code == 0, result.stderr
     conn = sqlite3.connect(tmp_path / "runs" / "ds" / "run.db")
-    got = conn.execute("select text, system, meta from prompts where round = 1 order by id").fetchall()
+    got = conn.execute("select text, system, answer from prompts where round = 1 order by id").fetchall()
     conn.close()
     assert [(t, s) for t, s, _ in got] == [(f"question {i}", "be brief") for i in range(3)]
-    assert [json.loads(m)["answer"] for _, _, m in got] == ["a0", "a1", "a2"]
+    assert [a for _, _, a in got] == ["a0", "a1", "a2"]
 
 
 @pytest.mark.parametrize(

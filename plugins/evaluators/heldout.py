@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 import loop
+from loop.checked import Checked
 from loop.heldout import HeldoutRequest
 from plugins.prompts.dataset import read_prompts
 
 
-class HeldoutOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class HeldoutOptions(Checked):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # A prompts file of the evaluator's own (.jsonl or .txt; relative to the config file).
     path: str | None = None

@@ -28,7 +28,7 @@ from typing import Callable, Literal
 from pydantic import ConfigDict, Field
 
 import loop
-from loop.config import Checked
+from loop.checked import Checked
 from plugins.sequences import encode_prompt, encode_response, truncate
 from plugins.updaters.training import LoRAOptions, LoRAUpdater, encode, summary
 
