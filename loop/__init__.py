@@ -34,6 +34,7 @@ from loop.components import (
     TrainStep,
     Updater,
     UpdateResult,
+    progress_callback,
 )
 from loop.errors import ConfigError, PluginError, SelfloopError, UserError
 
@@ -68,4 +69,5 @@ __all__ = [
     "Updater",
     "UpdateResult",
     "UserError",
+    "progress_callback",
 ]

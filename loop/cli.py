@@ -88,21 +88,59 @@ def _plugin_option(f):
     )(f)
 
 
-def execute(runner, progress: str) -> str:
-    """Run with the dashboard attached; returns the run's final status."""
-    from loop import plugins
+def execute(make_runner, progress: str, *, report=None) -> str:
+    """Make the runner and run it under the dashboard; end with the run's summary.
+
+    ``make_runner(build_progress)`` validates and creates (or reopens) the run; a seed
+    model it builds reports through ``build_progress``, so the dashboard is up from the
+    first slow step. ``report(run_dir)`` prints something before the summary (the demo's
+    table). The terminal is held as loop/terminal.py describes. Returns the final status.
+    """
+    from loop import plugins, terminal
     from loop.monitor import make_monitor
 
     monitor = make_monitor(progress)
-    name = None
-    if monitor is not None:
-        name = plugins.register(monitor, name="selfloop.monitor")
+    live = monitor is not None and monitor.live_terminal
+    runner = None
+    status = "failed"
     try:
-        with monitor if monitor is not None else _null():
-            return runner.run()
+        with terminal.Session(live=live) as term:
+            try:
+                runner = make_runner(monitor.build_progress if monitor is not None else None)
+                if live:
+                    term.log_to(runner.run_dir / terminal.LOG_FILE)
+                    monitor.note(f"run folder: {runner.run_dir} (stderr: {terminal.LOG_FILE})")
+                else:
+                    click.echo(f"run folder: {runner.run_dir}", err=True)
+                name = plugins.register(monitor, name="selfloop.monitor") if monitor else None
+                try:
+                    with monitor if monitor is not None else _null():
+                        status = runner.run()
+                finally:
+                    if name is not None:
+                        plugins.unregister(name=name)
+            finally:
+                if monitor is not None:
+                    monitor.__exit__(None, None, None)  # a failed build left it up
     finally:
-        if name is not None:
-            plugins.unregister(name=name)
+        if runner is not None and (runner.run_dir / "run.db").is_file():
+            with terminal.Session():  # stderr is the terminal again; a closed stdout is fine
+                _end(runner.run_dir, report if status == "completed" else None)
+    return status
+
+
+def _end(run_dir, report) -> None:
+    """The summary on stdout; it never hides the run's own outcome."""
+    from rich.console import Console
+
+    from loop.summary import summary, summary_data
+
+    try:
+        if report is not None:
+            report(run_dir)
+        Console().print(summary(summary_data(run_dir)))
+    except Exception as e:  # pragma: no cover - a summary must not mask the real error
+        click.echo(f"(no summary: {e})", err=True)
 
 
 class _null:
@@ -123,9 +161,9 @@ def run(config, overrides, plugin_files, progress):
     """Start a run from a TOML CONFIG file."""
     from loop import runner as r
 
-    runner = r.start(config, list(overrides), extra_plugins=plugin_files, version=__version__)
-    click.echo(f"run folder: {runner.run_dir}", err=True)
-    execute(runner, progress)
+    execute(lambda build_progress: r.start(config, list(overrides), extra_plugins=plugin_files,
+                                           version=__version__, build_progress=build_progress),
+            progress)
 
 
 @cli.command()
@@ -138,7 +176,9 @@ def resume(run_dir, overrides, plugin_files, progress):
     """Continue a stopped or failed run: done phases are skipped, an interrupted one re-runs."""
     from loop import runner as r
 
-    execute(r.resume(run_dir, extra_plugins=plugin_files, overrides=list(overrides)), progress)
+    execute(lambda build_progress: r.resume(run_dir, extra_plugins=plugin_files,
+                                            overrides=list(overrides),
+                                            build_progress=build_progress), progress)
 
 
 @cli.command()

@@ -562,18 +562,21 @@ def _seed_everything(seed: int) -> None:
 
 
 def start(config_path: str | None, overrides=(), *, data: dict | None = None, extra_plugins=(),
-          replace: bool = False, version: str = "0") -> Runner:
-    """Validate, create the run folder and return a Runner (not yet running)."""
+          replace: bool = False, version: str = "0", build_progress=None) -> Runner:
+    """Validate, create the run folder and return a Runner (not yet running).
+
+    ``build_progress(done, total, **metrics)`` follows a model builder's work."""
     config, comps = prepare(config_path, overrides, data=data, extra_plugins=extra_plugins)
     # Before the model: a builder may take minutes, and it writes its cache under runs_dir.
     _refuse_existing(config, replace)
-    model_path = resolve_model_path(config, comps)
+    model_path = resolve_model_path(config, comps, progress=build_progress)
     run_dir = create_run(config, comps, model_path, version, replace=replace)
     return Runner(run_dir, config, comps, model_path, resumed=False)
 
 
 
-def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = ()) -> Runner:
+def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
+           build_progress=None) -> Runner:
     """Continue a run. ``overrides`` (``--set``) may change options for the phases still
     to run (say, a judge's max_new_tokens after a failure); the change is saved in
     config.json and the runs table, and logged as an event."""
@@ -593,7 +596,7 @@ def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = ()) -> 
     finally:
         store.close()
     if not model_path or not Path(model_path).exists():
-        model_path = resolve_model_path(config, comps)
+        model_path = resolve_model_path(config, comps, progress=build_progress)
     if overrides:
         data = resolved_config(config, comps)
         (run_dir / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -13,11 +13,16 @@ and on one GPU there is never a second copy of the weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from pydantic import Field
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 import loop
 from loop.context import derive_seed
@@ -61,6 +66,35 @@ class _RawLogprobs(LogitsProcessor):
         return torch.stack(self.taken, dim=1)
 
 
+class _FinishedChats(StoppingCriteria):
+    """Counts the chats of a batch whose samples have all ended, as generation goes.
+
+    It never stops anything (it answers False for every row); after each step it calls
+    ``report(k)`` when the number of finished chats ``k`` grew, so a slow batch shows its
+    progress chat by chat rather than once at its end.
+    """
+
+    def __init__(self, stops: list[int], copies: int, report: Callable[[int], None]):
+        self.stops = stops
+        self.copies = copies
+        self.report = report
+        self.ended: torch.Tensor | None = None
+        self.count = 0
+        self._stops: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1]
+        if self._stops is None:
+            self._stops = torch.tensor(self.stops, device=last.device)
+        ended = torch.isin(last, self._stops)
+        self.ended = ended if self.ended is None else self.ended | ended
+        count = int(self.ended.view(-1, self.copies).all(dim=1).sum())
+        if count > self.count:
+            self.count = count
+            self.report(count)
+        return torch.zeros_like(last, dtype=torch.bool)
+
+
 class HFGenerator(loop.Generator):
     """Batched, left-padded sampling with ``model.generate`` (transformers + PEFT).
 
@@ -96,7 +130,7 @@ class HFGenerator(loop.Generator):
         sampling: loop.Sampling,
         *,
         adapter: str | None,
-        progress: bool = True,
+        progress: bool | Callable[[int, int], None] = True,
     ) -> list[list[loop.Completion]]:
         if sampling.n < 1:
             raise ValueError(f"sampling.n must be at least 1, got {sampling.n}")
@@ -104,18 +138,23 @@ class HFGenerator(loop.Generator):
         tok = policy.tokenizer
         prompts = [encode_prompt(tok, chat) for chat in chats]
         size = self.options.batch_size
+        report = loop.progress_callback(ctx, progress)
         results: list[list[loop.Completion]] = []
         with policy.using(adapter) as model:
             stops = stop_token_ids(tok, model)
             for index, start in enumerate(range(0, len(prompts), size)):
                 batch = prompts[start : start + size]
                 seed = derive_seed(sampling.seed, "batch", index)
-                results.extend(self._generate_batch(model, tok, batch, sampling, stops, seed))
-                if progress:
-                    ctx.progress(min(start + size, len(prompts)), len(prompts))
+                watch = None
+                if report is not None:
+                    watch = _FinishedChats(stops, copies=1 if sampling.temperature <= 0 else sampling.n,
+                                           report=lambda k, s=start: report(s + k, len(prompts)))
+                results.extend(self._generate_batch(model, tok, batch, sampling, stops, seed, watch))
+                if report is not None:
+                    report(min(start + size, len(prompts)), len(prompts))
         return results
 
-    def _generate_batch(self, model, tok, prompts, sampling, stops, seed):
+    def _generate_batch(self, model, tok, prompts, sampling, stops, seed, watch=None):
         greedy = sampling.temperature <= 0.0
         copies = 1 if greedy else sampling.n  # greedy samples are all the same path
         device = model.device
@@ -127,6 +166,7 @@ class HFGenerator(loop.Generator):
                 attention_mask=attention_mask,
                 generation_config=_generation_config(sampling, copies, stops, tok.pad_token_id),
                 logits_processor=LogitsProcessorList([recorder]),
+                stopping_criteria=StoppingCriteriaList([watch] if watch is not None else []),
             )
         generated = out[:, input_ids.shape[1] :]
         token_logprobs = recorder.finish(generated)

@@ -188,19 +188,25 @@ class ConstitutionalJudge(loop.Judge):
         chains: list[list[dict]] = [[] for _ in originals]
         text = [c.text for c in originals]
         live = list(range(len(originals)))
+        # Progress in requests: a critique and a revision per original and pass (answers
+        # that stop being revised skip ahead at the end of their pass).
+        total = 2 * opts.passes * len(originals)
         for step in range(opts.passes):
             if not live:
                 break
             chosen = {i: rng.choice(principles) for i in live}
+            base = 2 * step * len(originals)
             critiques = self._ask(ctx, [
                 critique_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
                                   request=chosen[i].critique) for i in live
-            ], opts.critique_max_new_tokens, ("critique", step))
+            ], opts.critique_max_new_tokens, ("critique", step),
+                lambda done, _, b=base: ctx.progress(b + done, total))
             revisions = self._ask(ctx, [
                 revision_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
                                   critique=quote(crit.text.strip()), request=chosen[i].revision)
                 for i, crit in zip(live, critiques)
-            ], opts.revision_max_new_tokens, ("revision", step))
+            ], opts.revision_max_new_tokens, ("revision", step),
+                lambda done, _, b=base + len(live): ctx.progress(b + done, total))
             still = []
             for i, crit, rev in zip(live, critiques, revisions):
                 new = rev.text.strip()
@@ -215,7 +221,7 @@ class ConstitutionalJudge(loop.Judge):
                 text[i] = new
                 still.append(i)
             live = still
-            ctx.progress(step + 1, opts.passes)
+            ctx.progress(2 * (step + 1) * len(originals), total)
         new_cands: list[loop.Candidate] = []
         pairs: list[loop.Pair] = []
         outcomes = {"empty": 0, "truncated": 0, "unchanged": 0}
@@ -245,12 +251,13 @@ class ConstitutionalJudge(loop.Judge):
                 [len(r.text) / max(len(r.parent.text), 1) for r in new_cands])
         return loop.JudgeResult(candidates=new_cands, pairs=pairs, metrics=metrics)
 
-    def _ask(self, ctx, messages: list[str], max_new_tokens: int, seed_labels) -> list[loop.Completion]:
+    def _ask(self, ctx, messages: list[str], max_new_tokens: int, seed_labels,
+             progress=False) -> list[loop.Completion]:
         chats = [[{"role": "user", "content": m}] for m in messages]
         sampling = loop.Sampling(n=1, temperature=self.options.temperature,
                                  max_new_tokens=max_new_tokens,
                                  seed=ctx.derive_seed(self.label, *seed_labels))
-        out = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter, progress=False)
+        out = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter, progress=progress)
         return [group[0] for group in out]
 
 

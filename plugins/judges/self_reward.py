@@ -109,8 +109,10 @@ class SelfRewardJudge(loop.Judge):
                 max_new_tokens=opts.max_new_tokens,
                 seed=ctx.derive_seed(self.label, index),
             )
+            # Progress per candidate judged (all its samples), across the chunks.
             outputs = ctx.generator.generate(
-                ctx, chats, sampling, adapter=ctx.adapter, progress=False
+                ctx, chats, sampling, adapter=ctx.adapter,
+                progress=lambda done, _, s=start: ctx.progress(s + done, len(candidates)),
             )
             for candidate, completions in zip(chunk, outputs):
                 for i, completion in enumerate(completions):
