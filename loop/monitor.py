@@ -119,11 +119,15 @@ def render(s: Snapshot, now: float | None = None, width: int = 100,
     head.add_column(no_wrap=True, overflow="ellipsis")
     bar = 16 if narrow else 30
     total_rounds = s.rounds + 1  # round 0 evaluates the starting policy
-    head.add_row(
-        "rounds", _bar(s.rounds_done, total_rounds, bar),
-        # Plain strings in rich tables are markup: "[completed]" would vanish unescaped.
-        escape(f"{s.rounds_done}/{total_rounds} (round 0 = start)  {s.name}  [{s.status}]"),
-    )
+    if s.status == "building":  # before the run: its model is being built
+        head.add_row("run", _bar(0, None, bar),
+                     "building the seed model (the first time only: it is cached)")
+    else:
+        head.add_row(
+            "rounds", _bar(s.rounds_done, total_rounds, bar),
+            # Plain strings in rich tables are markup: "[completed]" would vanish unescaped.
+            escape(f"{s.rounds_done}/{total_rounds} (round 0 = start)  {s.name}  [{s.status}]"),
+        )
     if s.phase is not None:
         head.add_row(s.phase, _bar(s.done, s.total, bar), escape(_phase_line(s, now)))
     parts: list = [head]
@@ -161,9 +165,9 @@ def _phase_line(s: Snapshot, now: float) -> str:
     rate = s.done / elapsed if elapsed > 0 and s.done else None
     eta = (s.total - s.done) / rate if rate and s.total else None
     count = f"{s.done}/{s.total}" if s.total else f"{s.done}"
-    where = "seed model  step" if s.round is None else f"round {s.round}"
+    where = f"seed model step {count}" if s.round is None else f"round {s.round}  {count}"
     extra = "  ".join(f"{k}={_fmt(v)}" for k, v in list(s.phase_metrics.items())[:3])
-    return (f"{where}  {count}  {rate or 0:.1f}/s  elapsed {_duration(elapsed)}"
+    return (f"{where}  {rate or 0:.1f}/s  elapsed {_duration(elapsed)}"
             f"  eta {_duration(eta)}  {extra}").rstrip()
 
 
@@ -260,16 +264,6 @@ def _metric_table(names: list[str], metrics: dict, rounds: list[int], name_w: in
     for name in names:
         t.add_row(name, *(_fmt(metrics[r].get(name)) for r in rounds))
     return t
-
-
-def metric_tables(metrics: dict, max_rounds: int = 5) -> list[Table]:
-    """Every metric of the last ``max_rounds`` rounds, one row each, by ``group/`` prefix."""
-    groups = shown_metrics(metrics)
-    names = [n for v in groups.values() for n in v]
-    if not names:
-        return []
-    rounds = sorted(metrics)[-max_rounds:]
-    return [_metric_table(names, metrics, rounds, max(len(n) for n in names))]
 
 
 class RichMonitor:
@@ -588,6 +582,27 @@ def status_table(data: dict) -> Group:
         if row["metrics"]:
             m.add_row(str(row["round"]), *(_fmt(row["metrics"].get(k)) for k, _ in KEY_METRICS))
     return Group(t, m)
+
+
+def all_metrics_table(data: dict, max_rounds: int = 10) -> Table:
+    """``status --metrics``: every metric (one row each, by ``group/`` prefix) of the last
+    ``max_rounds`` rounds; ``status --json`` has every round."""
+    per = {row["round"]: row["metrics"] for row in data["per_round"] if row["metrics"]}
+    rounds = sorted(per)[-max_rounds:]
+    names = sorted({n for r in rounds for n in per[r]})
+    groups = [g for g in GROUP_ORDER if any(n.startswith(g + "/") for n in names)]
+    groups += sorted({n.partition("/")[0] for n in names} - set(groups))
+    t = Table(title=escape(f"{data['name']} [{data['status']}]: all metrics"), title_justify="left")
+    t.add_column("metric", no_wrap=True)
+    for r in rounds:
+        t.add_column(f"r{r}", justify="right")
+    for g in groups:
+        for name in (n for n in names if n.partition("/")[0] == g):
+            t.add_row(name, *(_fmt(per[r].get(name)) for r in rounds))
+        t.add_section()
+    if len(per) > len(rounds):
+        t.caption = f"the last {len(rounds)} of {len(per)} rounds; --json has them all"
+    return t
 
 
 def report_data(store: Store) -> list[dict]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from loop.monitor import KEY_METRICS, _duration, _fmt, open_reader
@@ -71,31 +69,30 @@ def next_commands(data: dict) -> list[str]:
             f"selfloop export {run} -o pairs.jsonl"]
 
 
-def summary(data: dict) -> Group:
-    """The summary: a head line, then a borderless table (fits 100 columns)."""
+def summary(data: dict) -> list[Text]:
+    """The summary's lines. Print them unwrapped (``soft_wrap=True``): commands and paths
+    must stay whole to be copied."""
     status = data["status"]
     style = {"completed": "bold green", "failed": "bold red"}.get(status, "bold yellow")
     head = Text(f"{data['name']} {status}", style=style)
     head.append(f": {data['rounds_done']} of {data['rounds']} rounds in "
-                f"{_duration(data['seconds'])} (round 0 measured the starting policy)",
-                style="default")
-    t = Table.grid(padding=(0, 2))
-    t.add_column(no_wrap=True)
-    t.add_column()
+                f"{_duration(data['seconds'])} (round 0 measured the starting policy)")
+    rows: list[tuple[str, Text]] = []
     if data["failed"]:
         f = data["failed"]
-        t.add_row(f"  failed in round {f['round']} {f['phase']}", Text(str(f["error"] or "")))
+        rows.append((f"round {f['round']} {f['phase']}", Text(str(f["error"] or "failed"),
+                                                              style="red")))
     for name, v0, v1, r0, r1 in data["metrics"]:
-        change = f"{_fmt(v0)} -> {_fmt(v1)}"
         if r1 > r0:
             delta = v1 - v0
-            change += f"  ({'+' if delta >= 0 else ''}{_fmt(delta)}, round {r0} to {r1})"
-        elif r1 == r0:
+            change = (f"{_fmt(v0)} -> {_fmt(v1)}  ({'+' if delta >= 0 else ''}{_fmt(delta)}, "
+                      f"round {r0} to {r1})")
+        else:
             change = f"{_fmt(v1)}  (round {r1})"
-        t.add_row(f"  {name}", change)
-    where = "  ".join([data["run_dir"], *data["files"]]
-                      + ([data["adapter"]] if data["adapter"] else []))
-    t.add_row("  files", Text(where))
+        rows.append((name, Text(change)))
+    files = [data["run_dir"], *data["files"]] + ([data["adapter"]] if data["adapter"] else [])
+    rows.append(("files", Text("  ".join(files))))
     for i, command in enumerate(next_commands(data)):
-        t.add_row("  next" if i == 0 else "", Text(command, style="bold"))
-    return Group(head, t)
+        rows.append(("next" if i == 0 else "", Text(command, style="bold")))
+    width = max(len(label) for label, _ in rows) + 2
+    return [head] + [Text(f"  {label:<{width}}") + value for label, value in rows]

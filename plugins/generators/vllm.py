@@ -128,7 +128,8 @@ class VLLMGenerator(loop.Generator):
         # Largest adapter rank served; None: the updater's lora_rank(), at least 8. Rounded
         # up to a rank vLLM accepts.
         max_lora_rank: int | None = Field(None, ge=1, le=512)
-        tensor_parallel_size: int = Field(1, ge=1)
+        tensor_parallel_size: int = Field(
+            1, ge=1, description="GPUs the engine shards the model over (vLLM tensor parallelism)")
         # Skip torch.compile / CUDA graphs. None: on for CPU (compilation costs more than it
         # saves on short runs, see bench/generate.py), off for CUDA.
         enforce_eager: bool | None = None

@@ -161,11 +161,12 @@ class ConstitutionalJudge(loop.Judge):
         per_prompt: int | None = Field(None, ge=1)
         # Sampling for critiques and revisions (0: greedy).
         temperature: float = Field(0.7, ge=0.0)
-        critique_max_new_tokens: int = Field(256, ge=1)
-        revision_max_new_tokens: int = Field(256, ge=1)
+        critique_max_new_tokens: int = Field(256, ge=1, description="longest critique, in tokens")
+        revision_max_new_tokens: int = Field(256, ge=1, description="longest revision, in tokens")
         # Templates: names in prompts/ (without .j2) or paths to .j2 files.
         critique_template: str = "cai_critique"
-        revision_template: str = "cai_revision"
+        revision_template: str = Field("cai_revision", description=(
+            "revision prompt using {prompt, response, critique, request}"))
 
     def setup(self, ctx) -> None:
         self._templates(ctx)

@@ -75,7 +75,7 @@ class SelfRewardJudge(loop.Judge):
         max_new_tokens: int = Field(256, ge=1)
         # The rubric's range; a final score outside it is a parse failure, not clamped.
         min_score: float = 0
-        max_score: float = 5
+        max_score: float = Field(5, description="the rubric's top score")
         # Candidates per generator call (the generator batches again inside); progress unit.
         batch_size: int = Field(64, ge=1)
 
