@@ -67,18 +67,24 @@ class _RawLogprobs(LogitsProcessor):
 
 
 class _FinishedChats(StoppingCriteria):
-    """Counts the chats of a batch whose samples have all ended, as generation goes.
+    """Counts a batch's chats as generation goes, so a slow batch moves step by step.
 
-    It never stops anything (it answers False for every row); after each step it calls
-    ``report(k)`` when the number of finished chats ``k`` grew, so a slow batch shows its
-    progress chat by chat rather than once at its end.
+    It never stops anything (it answers False for every row). After each decoding step t
+    (of at most ``max_new_tokens`` = T) it calls ``report(k)`` when k grew, where k counts
+    the chats whose samples have all ended plus the others' share of the decoding done so
+    far: ``finished + (chats - finished) * t / T``, rounded down. It reaches the batch's
+    size when the last chat ends, and never runs ahead of the work: a chat still decoding
+    at step t has had t of its at most T tokens.
     """
 
-    def __init__(self, stops: list[int], copies: int, report: Callable[[int], None]):
+    def __init__(self, stops: list[int], copies: int, max_new_tokens: int,
+                 report: Callable[[int], None]):
         self.stops = stops
         self.copies = copies
+        self.max_new_tokens = max(1, max_new_tokens)
         self.report = report
         self.ended: torch.Tensor | None = None
+        self.step = 0
         self.count = 0
         self._stops: torch.Tensor | None = None
 
@@ -88,7 +94,10 @@ class _FinishedChats(StoppingCriteria):
             self._stops = torch.tensor(self.stops, device=last.device)
         ended = torch.isin(last, self._stops)
         self.ended = ended if self.ended is None else self.ended | ended
-        count = int(self.ended.view(-1, self.copies).all(dim=1).sum())
+        self.step += 1
+        chats = last.shape[0] // self.copies
+        finished = int(self.ended.view(-1, self.copies).all(dim=1).sum())
+        count = finished + (chats - finished) * min(self.step, self.max_new_tokens) // self.max_new_tokens
         if count > self.count:
             self.count = count
             self.report(count)
@@ -139,6 +148,14 @@ class HFGenerator(loop.Generator):
         prompts = [encode_prompt(tok, chat) for chat in chats]
         size = self.options.batch_size
         report = loop.progress_callback(ctx, progress)
+        done = [0]
+
+        def finished(count: int) -> None:  # chats done so far, each reported once
+            if report is not None and count > done[0]:
+                done[0] = count
+                report(count, len(prompts))
+
+        copies = 1 if sampling.temperature <= 0.0 else sampling.n
         results: list[list[loop.Completion]] = []
         with policy.using(adapter) as model:
             stops = stop_token_ids(tok, model)
@@ -147,11 +164,10 @@ class HFGenerator(loop.Generator):
                 seed = derive_seed(sampling.seed, "batch", index)
                 watch = None
                 if report is not None:
-                    watch = _FinishedChats(stops, copies=1 if sampling.temperature <= 0 else sampling.n,
-                                           report=lambda k, s=start: report(s + k, len(prompts)))
+                    watch = _FinishedChats(stops, copies, sampling.max_new_tokens,
+                                           lambda k, s=start: finished(s + k))
                 results.extend(self._generate_batch(model, tok, batch, sampling, stops, seed, watch))
-                if report is not None:
-                    report(min(start + size, len(prompts)), len(prompts))
+                finished(start + len(batch))
         return results
 
     def _generate_batch(self, model, tok, prompts, sampling, stops, seed, watch=None):

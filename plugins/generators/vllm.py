@@ -65,7 +65,9 @@ class _FinishedRequests:
     it reports each finished request (a chat with all its samples) to ``report(k)``.
 
     vLLM calls ``update(n)`` once per finished request and reads ``format_dict["elapsed"]``,
-    ``n`` and ``postfix`` (vllm/entrypoints/common/offline.py, ``_run_engine``).
+    ``n`` and ``postfix`` (vllm/entrypoints/common/offline.py, ``_run_engine``). It also
+    wraps the prompts it renders (``maybe_tqdm(prompts, use_tqdm=...)``): those are
+    returned as they are.
     """
 
     def __init__(self, report: Callable[[int], None], total: int | None = None, **_: object):
@@ -77,8 +79,11 @@ class _FinishedRequests:
         self._t0 = time.monotonic()
 
     @classmethod
-    def factory(cls, report: Callable[[int], None]) -> Callable[..., _FinishedRequests]:
-        return lambda *args, **kwargs: cls(report, *args, **kwargs)
+    def factory(cls, report: Callable[[int], None]) -> Callable[..., object]:
+        def make(iterable=None, **kwargs):
+            return iterable if iterable is not None else cls(report, **kwargs)
+
+        return make
 
     @property
     def format_dict(self) -> dict:
@@ -133,7 +138,7 @@ class VLLMGenerator(loop.Generator):
         # Skip torch.compile / CUDA graphs. None: on for CPU (compilation costs more than it
         # saves on short runs, see bench/generate.py), off for CUDA.
         enforce_eager: bool | None = None
-        # Prompts per engine call (each with n samples); progress is reported per call.
+        # Prompts per engine call (each with n samples); progress is reported per prompt.
         batch_size: int = Field(512, ge=1)
         # Compare vLLM with the PEFT model after every adapter swap.
         sync_check: bool = True
@@ -408,11 +413,18 @@ class VLLMGenerator(loop.Generator):
         size = self.options.batch_size
         stop_set = set(stops)
         report = loop.progress_callback(ctx, progress)
+        done = [0]
+
+        def finished(count: int) -> None:  # chats done so far, each reported once
+            if report is not None and count > done[0]:
+                done[0] = count
+                report(count, len(prompts))
+
         results: list[list[loop.Completion]] = []
         for start in range(0, len(prompts), size):
             counter = False  # vLLM's own tqdm bar: never
             if report is not None:
-                counter = _FinishedRequests.factory(lambda k, s=start: report(s + k, len(prompts)))
+                counter = _FinishedRequests.factory(lambda k, s=start: finished(s + k))
             outs = llm.generate(prompts[start : start + size], params[start : start + size],
                                 lora_request=request, use_tqdm=counter)
             for out in outs:
@@ -420,8 +432,7 @@ class VLLMGenerator(loop.Generator):
                 if greedy:  # n separate records of the one greedy path
                     samples = [dataclasses.replace(samples[0]) for _ in range(sampling.n)]
                 results.append(samples)
-            if report is not None:
-                report(min(start + size, len(prompts)), len(prompts))
+            finished(min(start + size, len(prompts)))
         return results
 
     def logprobs(

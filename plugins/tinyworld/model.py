@@ -181,10 +181,10 @@ def make_model(recipe: Recipe, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def train_seed(recipe: Recipe, log=None, progress=None):
+def train_seed(recipe: Recipe, log=None, report=None):
     """Train the seed model on IFT + EFT data; return (model, tokenizer).
 
-    ``log(text)`` gets a line every 100 steps; ``progress(step, steps, loss=...)`` every
+    ``log(text)`` gets a line every 100 steps; ``report(step, steps, loss=...)`` every
     step (the dashboard's "model" row).
 
     1. Build the tokenizer and a fresh tiny Llama (``torch.manual_seed(recipe.seed)``).
@@ -223,8 +223,8 @@ def train_seed(recipe: Recipe, log=None, progress=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if progress is not None:
-            progress(step + 1, recipe.steps, loss=loss.item())
+        if report is not None:
+            report(step + 1, recipe.steps, loss=loss.item())
         if log is not None and (step % 100 == 0 or step == recipe.steps - 1):
             log(f"seed step {step:5d}  loss {loss.item():.4f}  {time.time() - started:.0f}s")
     model.eval()
@@ -250,7 +250,7 @@ def build(cache_dir: str | os.PathLike, recipe: Recipe | None = None, log=None,
     if (final / "config.json").is_file():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = train_seed(recipe, log=log, progress=progress)
+    model, tokenizer = train_seed(recipe, log=log, report=progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
