@@ -155,6 +155,8 @@ class HFGenerator(loop.Generator):
                 done[0] = count
                 report(count, len(prompts))
 
+        if report is not None:
+            report(0, len(prompts))  # the total, before the first chat is done
         copies = 1 if sampling.temperature <= 0.0 else sampling.n
         results: list[list[loop.Completion]] = []
         with policy.using(adapter) as model:

@@ -420,6 +420,8 @@ class VLLMGenerator(loop.Generator):
                 done[0] = count
                 report(count, len(prompts))
 
+        if report is not None:
+            report(0, len(prompts))  # the total, before the first chat is done
         results: list[list[loop.Completion]] = []
         for start in range(0, len(prompts), size):
             counter = False  # vLLM's own tqdm bar: never
