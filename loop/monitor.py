@@ -498,13 +498,13 @@ def watch(run_dir: str | Path, interval: float = 1.0, once: bool = False, consol
     console = console or Console()
     store = open_reader(run_dir)
     try:
-        if once:
-            console.print(render(snapshot_from_store(store)))
+        if once:  # everything, at the console's width (a snapshot for a log)
+            console.print(render(snapshot_from_store(store), width=console.width))
             return
         with Live(console=console, refresh_per_second=4) as live:
             while True:
                 snap = snapshot_from_store(store)
-                live.update(render(snap))
+                live.update(Dashboard(snap))  # fitted to the terminal, as during the run
                 if snap.status != "running":
                     break
                 time.sleep(interval)

@@ -156,12 +156,46 @@ gradient_checkpointing = false   # true: less GPU memory, ~30% slower
 
 
 def _evaluators(s: Starter) -> str:
-    return """
-# Evaluators measure each round's policy (round 0: the starting one); `selfloop plugins`
-# lists those installed. One [[evaluators]] table per measure:
-# [[evaluators]]
-# name = "NAME"
+    text = """
+# Evaluators measure each round's policy (round 0: the starting one) on prompts that never
+# reach training; `selfloop plugins` lists those installed, one [[evaluators]] table each.
 """
+    if "winrate" in _registered("evaluator"):
+        text += """[[evaluators]]
+name = "winrate"             # each round's policy against the starting model, both orders,
+reference = "base"           # judged by the frozen base weights (not the policy in training)
+"""
+    else:
+        text += '# [[evaluators]]\n# name = "NAME"\n'
+    return text
+
+
+def _guards(s: Starter) -> str:
+    """``[guards]`` with every field of the run config's guards model, when it has one."""
+    from loop.config import RunConfig
+
+    field = RunConfig.model_fields.get("guards")
+    if field is None or not isinstance(field.annotation, type):
+        return ""
+    from loop.options_doc import comment_for
+
+    lines = ["", "[guards]                     # stop a phase loudly instead of learning nothing"]
+    for name, f in field.annotation.model_fields.items():
+        about = f.description or comment_for(field.annotation, name) or ""
+        lines.append(f"{name + ' = ' + _toml(f.default):<28} # {about}".rstrip(" #"))
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+def _registered(kind: str) -> set[str]:
+    from loop import plugins
+
+    return set(plugins.registry().components.get(kind, {}))
 
 
 def _quality(s: Starter) -> str:
@@ -175,7 +209,7 @@ length_ratio_threshold = 1.5 # ... or chosen answers are this many times longer 
 # The parts of the file, in order. A section is a function of the Starter returning TOML.
 SECTIONS: list[Callable[[Starter], str]] = [
     _head, _model, _generator, _generate, _prompts, _judges, _selector, _updater,
-    _evaluators, _quality,
+    _evaluators, _guards, _quality,
 ]
 
 
