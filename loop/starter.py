@@ -164,6 +164,7 @@ def _evaluators(s: Starter) -> str:
         text += """[[evaluators]]
 name = "winrate"             # each round's policy against the starting model, both orders,
 reference = "base"           # judged by the frozen base weights (not the policy in training)
+heldout = 64                 # prompts split off [[prompts]] for it, never trained on
 """
     else:
         text += '# [[evaluators]]\n# name = "NAME"\n'

@@ -77,7 +77,8 @@ def test_dashboard_fits_100x30():
     assert re.search(r"metrics by round \((\d+) of 32; all: selfloop status demo --metrics\)",
                      text), text
     # one judge: its figures that the pooled judge/ rows already show are not repeated
-    assert "judge/self_reward/mean_score" not in text and "judge/mean_score" in text
+    assert "judge/self_reward/mean_score" not in text and "judge/self_reward/judgments" not in text
+    assert re.search(r"│ judge/(mean_score|judgments|parse_failure)", text), text
     # the events that fit, cut to one line each
     assert "event 7" in text and "event 0" not in text
 

@@ -46,6 +46,9 @@ class NoisyBuilder(loop.ModelBuilder):
                 progress(step + 1, self.options.steps, loss=1.0 / (step + 1))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps({}))
+        # What model-folder checks look for (nothing loads them: the fakes need no model).
+        (folder / "model.safetensors").write_bytes(b"")
+        (folder / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
         return str(folder)
 
 
