@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loop.monitor import report_data  # noqa: E402
+from loop.report import report_data  # noqa: E402
 from loop.store import Store  # noqa: E402
 
 

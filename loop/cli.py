@@ -203,7 +203,7 @@ def status(run_dir, as_json, all_metrics):
     _show(run_dir, status_data, all_metrics_table if all_metrics else status_table, as_json)
 
 
-def _show(run_dir, data_fn, table_fn, as_json: bool) -> None:
+def _show(run_dir, data_fn, table_fn, as_json: bool, width: int | None = None) -> None:
     """Read a run (read-only) with ``data_fn``; print JSON or ``table_fn``'s table."""
     from loop.monitor import open_reader
     from rich.console import Console
@@ -216,7 +216,8 @@ def _show(run_dir, data_fn, table_fn, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
-        Console().print(table_fn(data))
+        # A pipe gets ``width`` columns (rich's default of 80 would squeeze a wide table).
+        Console(width=None if sys.stdout.isatty() else width).print(table_fn(data))
 
 
 @cli.command()
@@ -234,10 +235,11 @@ def watch(run_dir, interval, once):
 @click.argument("run_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def report(run_dir, as_json):
-    """One row per round: accuracy, judge agreement, pairs, reward margin, length, seconds."""
-    from loop.monitor import report_data, report_table
+    """One row per round: the run's evaluators (win rates, accuracies), judges' parse
+    failures, training examples, reward margin, train loss, length, seconds."""
+    from loop.report import report_data, report_table
 
-    _show(run_dir, report_data, report_table, as_json)
+    _show(run_dir, report_data, report_table, as_json, width=160)
 
 
 @cli.command()

@@ -25,7 +25,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 def run_demo(rounds: int = 3, name: str = "demo", overrides: list[str] = (), progress: str = "auto",
              console: Console | None = None) -> list[dict]:
     from loop.cli import execute
-    from loop.monitor import open_reader, report_data, report_table
+    from loop.monitor import open_reader
+    from loop.report import report_data, report_table
 
     console = console or Console(stderr=True)
     if not DEMO_CONFIG.is_file():

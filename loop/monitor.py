@@ -5,7 +5,7 @@
   recent events.
 - ``PlainMonitor``: the same information as log lines (for pipes and CI logs).
 - ``watch``: the rich view, redrawn from the run database opened read-only.
-- ``status_table`` / ``report_table``: the tables behind ``selfloop status`` / ``report``.
+- ``status_table``: the tables behind ``selfloop status`` (``report``: loop/report.py).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ KEY_METRICS = (
     ("select/pairs", "pairs"),
     ("rewards/margin", "margin"),
     ("generate/mean_tokens", "length"),
+    ("judge/parse_failure_rate", "parse fail"),
+    ("select/examples", "examples"),
 )
 
 
@@ -602,41 +604,4 @@ def all_metrics_table(data: dict, max_rounds: int = 10) -> Table:
         t.add_section()
     if len(per) > len(rounds):
         t.caption = f"the last {len(rounds)} of {len(per)} rounds; --json has them all"
-    return t
-
-
-def report_data(store: Store) -> list[dict]:
-    metrics = store.metrics()
-    rounds = {r["round"]: r for r in store.rounds()}
-    out = []
-    for r in sorted(metrics):
-        m = metrics[r]
-        out.append({
-            "round": r,
-            "accuracy": m.get("eval/accuracy"),
-            "judge_agreement": m.get("judge/verifier_agreement"),
-            "pairs": m.get("select/pairs"),
-            "reward_margin": m.get("rewards/margin"),
-            "mean_length": m.get("eval/mean_length", m.get("generate/mean_tokens")),
-            "seconds": rounds.get(r, {}).get("seconds"),
-        })
-    return out
-
-
-def report_table(rows: list[dict]) -> Table:
-    t = Table(title="selfloop report", title_justify="left")
-    for col in ("round", "held-out accuracy", "judge agreement", "pairs", "DPO margin",
-                "mean length", "seconds"):
-        t.add_column(col, justify="right")
-    for row in rows:
-        acc = row["accuracy"]
-        t.add_row(
-            str(row["round"]),
-            f"{acc * 100:.1f}%" if acc is not None else "-",
-            f"{row['judge_agreement'] * 100:.1f}%" if row["judge_agreement"] is not None else "-",
-            _fmt(row["pairs"]),
-            _fmt(row["reward_margin"]),
-            _fmt(row["mean_length"]),
-            _fmt(row["seconds"]),
-        )
     return t

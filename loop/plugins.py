@@ -35,6 +35,7 @@ BUILTINS = (
     "plugins.judges.constitutional",
     "plugins.judges.reward_model",
     "plugins.judges.remote",
+    "plugins.judges.verify",
     "plugins.prompts.dataset",
     "plugins.prompts.self_instruct",
     "plugins.prompts.opro",
@@ -47,6 +48,8 @@ BUILTINS = (
     "plugins.updaters.raft",
     "plugins.updaters.ranked",
     "plugins.updaters.kto",
+    "plugins.evaluators.verify",
+    "plugins.evaluators.winrate",
     "plugins.tinyworld",
 )
 

@@ -52,7 +52,7 @@ def q(db: Path, sql: str, params=()):
 def test_demo_prints_the_per_round_table(demo_run):
     _, proc = demo_run
     out = proc.stdout
-    for column in ("held-out", "accuracy", "judge", "agreement", "pairs", "DPO margin", "seconds"):
+    for column in ("held-out", "accuracy", "judge", "agreement", "pairs", "margin", "seconds"):
         assert column in out, out
     # One row for round 0 (the seed model) and one for round 1.
     rows = [line for line in out.splitlines() if line.strip().startswith(("│     0", "│     1"))]
