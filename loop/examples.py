@@ -32,7 +32,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "change an option for the phases still to run (after a failure, say)"),
     ],
     "status": [
-        ("selfloop status runs/demo", "rounds x phases: durations, progress, failures, key metrics"),
+        ("selfloop status runs/demo",
+         "rounds x phases: durations, progress, failures, key metrics"),
         ("selfloop status runs/demo --metrics", "every metric of the last 10 rounds"),
         ("selfloop status runs/demo --json", "the same as JSON, every round, for scripts"),
     ],
@@ -58,7 +59,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "demo": [
         ("selfloop demo", "build the tiny model (cached), 3 self-rewarding rounds, the table"),
         ("selfloop demo --rounds 1 --name quick", "one round, in runs/quick"),
-        ("selfloop demo --set updater.beta=0.3 --name beta03", "the demo with a demo field changed"),
+        ("selfloop demo --set updater.beta=0.3 --name beta03",
+         "the demo with one of its fields changed"),
     ],
     "init": [
         ("selfloop init /models/Qwen2.5-1.5B-Instruct -o run.toml",

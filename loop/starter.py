@@ -232,7 +232,8 @@ def describe_model(model: str) -> Starter:
     max_len = None
     if folder is not None:
         try:
-            max_len = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+            cfg = json.loads((folder / "config.json").read_text())
+            max_len = cfg.get("max_position_embeddings")
         except (OSError, ValueError):
             max_len = None
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(written).name).strip("-._") or "run"

@@ -97,7 +97,8 @@ class _FinishedChats(StoppingCriteria):
         self.step += 1
         chats = last.shape[0] // self.copies
         finished = int(self.ended.view(-1, self.copies).all(dim=1).sum())
-        count = finished + (chats - finished) * min(self.step, self.max_new_tokens) // self.max_new_tokens
+        share = min(self.step, self.max_new_tokens)
+        count = finished + (chats - finished) * share // self.max_new_tokens
         if count > self.count:
             self.count = count
             self.report(count)
@@ -168,7 +169,8 @@ class HFGenerator(loop.Generator):
                 if report is not None:
                     watch = _FinishedChats(stops, copies, sampling.max_new_tokens,
                                            lambda k, s=start: finished(s + k))
-                results.extend(self._generate_batch(model, tok, batch, sampling, stops, seed, watch))
+                results.extend(
+                    self._generate_batch(model, tok, batch, sampling, stops, seed, watch))
                 finished(start + len(batch))
         return results
 
