@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from loop import __version__
-from loop.errors import SelfloopError
+from loop.errors import RunLocked, SelfloopError
 from loop.examples import Command, write_examples
 
 PROGRESS_CHOICE = click.Choice(["auto", "rich", "plain", "off"])
@@ -124,6 +124,9 @@ def execute(make_runner, progress: str, *, report=None) -> str:
                 try:
                     with monitor if monitor is not None else _null():
                         status = runner.run()
+                except RunLocked:
+                    runner = None  # another process runs it: no summary of its run here
+                    raise
                 finally:
                     if name is not None:
                         plugins.unregister(name=name)
