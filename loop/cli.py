@@ -96,13 +96,13 @@ def _plugin_option(f):
     )(f)
 
 
-def execute(make_runner, progress: str, *, report=None) -> str:
+def execute(make_runner, progress: str, *, report=None, announce: bool = False) -> str:
     """Make the runner and run it under the dashboard; end with the run's summary.
 
     ``make_runner(build_progress)`` validates and creates (or reopens) the run; a seed
     model it builds reports through ``build_progress``, so the dashboard is up from the
     first slow step. ``report(run_dir)`` prints something before the summary (the demo's
-    table). The terminal is held as loop/terminal.py describes. Returns the final status.
+    table); ``announce`` prints "run folder: ..." on stderr (for `run`) when no dashboard does. The terminal is held as loop/terminal.py describes. Returns the final status.
     """
     from loop import plugins, terminal
     from loop.monitor import make_monitor
@@ -118,7 +118,7 @@ def execute(make_runner, progress: str, *, report=None) -> str:
                 if live:
                     term.log_to(runner.run_dir / terminal.LOG_FILE)
                     monitor.note(f"run folder: {runner.run_dir} (stderr: {terminal.LOG_FILE})")
-                else:
+                elif announce:
                     click.echo(f"run folder: {runner.run_dir}", err=True)
                 name = plugins.register(monitor, name="selfloop.monitor") if monitor else None
                 try:
@@ -176,7 +176,7 @@ def run(config, overrides, plugin_files, progress):
 
     execute(lambda build_progress: r.start(config, list(overrides), extra_plugins=plugin_files,
                                            version=__version__, build_progress=build_progress),
-            progress)
+            progress, announce=True)
 
 
 @cli.command()
