@@ -36,6 +36,7 @@ from loop.components import (
     TrainStep,
     Updater,
     UpdateResult,
+    progress_callback,
 )
 from loop.errors import ConfigError, PluginError, SelfloopError, UserError
 
@@ -72,4 +73,5 @@ __all__ = [
     "Updater",
     "UpdateResult",
     "UserError",
+    "progress_callback",
 ]

@@ -14,13 +14,15 @@ an interrupted run exits with 130 after saying how to resume it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from loop import __version__
-from loop.errors import SelfloopError
+from loop.errors import RunLocked, SelfloopError
+from loop.examples import Command, write_examples
 
 PROGRESS_CHOICE = click.Choice(["auto", "rich", "plain", "off"])
 
@@ -39,6 +41,11 @@ class Group(click.Group):
     """
 
     _plugins_loaded = False
+    command_class = Command  # every command's help ends with its examples
+
+    def format_epilog(self, ctx, formatter):
+        write_examples("cli", formatter)
+        super().format_epilog(ctx, formatter)
 
     def _load_plugin_commands(self) -> None:
         if self._plugins_loaded:
@@ -98,21 +105,64 @@ def _plugin_option(f):
     )(f)
 
 
-def execute(runner, progress: str) -> str:
-    """Run with the dashboard attached; returns the run's final status."""
-    from loop import plugins
+def execute(make_runner, progress: str, *, report=None, announce: bool = False) -> str:
+    """Make the runner and run it under the dashboard; end with the run's summary.
+
+    ``make_runner(build_progress)`` validates and creates (or reopens) the run; a seed
+    model it builds reports through ``build_progress``, so the dashboard is up from the
+    first slow step. ``report(run_dir)`` prints something before the summary (the demo's
+    table); ``announce`` prints "run folder: ..." on stderr (for `run`) when no dashboard does. The terminal is held as loop/terminal.py describes. Returns the final status.
+    """
+    from loop import plugins, terminal
     from loop.monitor import make_monitor
 
     monitor = make_monitor(progress)
-    name = None
-    if monitor is not None:
-        name = plugins.register(monitor, name="selfloop.monitor")
+    live = monitor is not None and monitor.live_terminal
+    runner = None
+    status = "failed"
     try:
-        with monitor if monitor is not None else _null():
-            return runner.run()
+        with terminal.Session(live=live) as term:
+            try:
+                runner = make_runner(monitor.build_progress if monitor is not None else None)
+                if live:
+                    term.log_to(runner.run_dir / terminal.LOG_FILE)
+                    monitor.note(f"run folder: {runner.run_dir} (stderr: {terminal.LOG_FILE})")
+                elif announce:
+                    click.echo(f"run folder: {runner.run_dir}", err=True)
+                name = plugins.register(monitor, name="selfloop.monitor") if monitor else None
+                try:
+                    with monitor if monitor is not None else _null():
+                        status = runner.run()
+                except RunLocked:
+                    runner = None  # another process runs it: no summary of its run here
+                    raise
+                finally:
+                    if name is not None:
+                        plugins.unregister(name=name)
+            finally:
+                if monitor is not None:
+                    monitor.__exit__(None, None, None)  # a failed build left it up
     finally:
-        if name is not None:
-            plugins.unregister(name=name)
+        if runner is not None and (runner.run_dir / "run.db").is_file():
+            with terminal.Session():  # stderr is the terminal again; a closed stdout is fine
+                _end(runner.run_dir, report if status == "completed" else None)
+    return status
+
+
+def _end(run_dir, report) -> None:
+    """The summary on stdout; it never hides the run's own outcome."""
+    from rich.console import Console
+
+    from loop.summary import summary, summary_data
+
+    try:
+        if report is not None:
+            report(run_dir)
+        console = Console()
+        for line in summary(summary_data(run_dir)):
+            console.print(line, soft_wrap=True)
+    except Exception as e:  # pragma: no cover - a summary must not mask the real error
+        click.echo(f"(no summary: {e})", err=True)
 
 
 class _null:
@@ -133,9 +183,9 @@ def run(config, overrides, plugin_files, progress):
     """Start a run from a TOML CONFIG file."""
     from loop import runner as r
 
-    runner = r.start(config, list(overrides), extra_plugins=plugin_files, version=__version__)
-    click.echo(f"run folder: {runner.run_dir}", err=True)
-    execute(runner, progress)
+    execute(lambda build_progress: r.start(config, list(overrides), extra_plugins=plugin_files,
+                                           version=__version__, build_progress=build_progress),
+            progress, announce=True)
 
 
 @cli.command()
@@ -151,18 +201,21 @@ def resume(run_dir, overrides, redo, plugin_files, progress):
     """Continue a stopped or failed run: done phases are skipped, an interrupted one re-runs."""
     from loop import runner as r
 
-    execute(r.resume(run_dir, extra_plugins=plugin_files, overrides=list(overrides), redo=redo),
-            progress)
+    execute(lambda build_progress: r.resume(run_dir, extra_plugins=plugin_files,
+                                            overrides=list(overrides), redo=redo,
+                                            build_progress=build_progress), progress)
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(run_dir, as_json):
+@click.option("--metrics", "all_metrics", is_flag=True,
+              help="Every metric of the last 10 rounds (the dashboard shows what fits).")
+def status(run_dir, as_json, all_metrics):
     """Rounds x phases with durations and key metrics (reads the database read-only)."""
-    from loop.monitor import status_data, status_table
+    from loop.monitor import all_metrics_table, status_data, status_table
 
-    _show(run_dir, status_data, status_table, as_json)
+    _show(run_dir, status_data, all_metrics_table if all_metrics else status_table, as_json)
 
 
 def _show(run_dir, data_fn, table_fn, as_json: bool, width: int | None = None) -> None:
@@ -248,14 +301,20 @@ def export(run_dir, fmt, round_, output, force):
 
 @cli.command(name="plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--options", "options_of", metavar="NAME",
+              help="A component's options (type, default, what it does); KIND/NAME when "
+                   "several kinds share NAME.")
 @_plugin_option
-def plugins_cmd(as_json, plugin_files):
+def plugins_cmd(as_json, options_of, plugin_files):
     """List plugins, their hooks and the components they register."""
     from loop import plugins
 
     for f in plugin_files:
         plugins.load_plugin_file(f)
     cli._load_plugin_commands()
+    if options_of:
+        _print_options(options_of, as_json)
+        return
     data = plugins.plugin_hooks()
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -268,6 +327,43 @@ def plugins_cmd(as_json, plugin_files):
         comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in p["components"].items())
         table.add_row(p["name"] + ("" if p["builtin"] else " (installed)"), ", ".join(p["hooks"]), comps)
     Console().print(table)
+
+
+def _print_options(name: str, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from loop.options_doc import find_components, option_rows
+
+    found = [(kind, cls, option_rows(kind, cls)) for kind, cls in find_components(name)]
+    if as_json:
+        click.echo(json.dumps([{"kind": k, "name": c.name, "plugin": c.plugin, "options": rows}
+                               for k, c, rows in found], indent=2, default=str))
+        return
+    console = Console()
+    for kind, cls, rows in found:
+        table = Table("option", "type", "default", "what it does", title_justify="left",
+                      title=escape(f"{kind} {cls.name!r} (plugin {cls.plugin}): "
+                                   f"{_first_line(cls.__doc__)}"))
+        for row in rows:
+            table.add_row(row["name"], escape(row["type"]), escape(_toml(row["default"])),
+                          escape(row["description"]))
+        if not rows:
+            table.caption = "no options"
+        console.print(table)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n")[0]
+
+
+def _toml(value) -> str:
+    if value == "required":
+        return value
+    if value is None:
+        return "(none)"
+    return json.dumps(value, default=str) if not isinstance(value, bool) else str(value).lower()
 
 
 @cli.command()
@@ -286,6 +382,41 @@ def demo(rounds, name, overrides, progress):
     from loop.demo import run_demo
 
     run_demo(rounds=rounds, name=name, overrides=list(overrides), progress=progress)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", default="run.toml", show_default=True,
+              help="The config file to write ('-': print it).")
+@click.option("--generator", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="hf: transformers on the training model; vllm: a vLLM engine.")
+@click.option("--prompts", default="prompts.jsonl", show_default=True,
+              help="Your prompts: JSONL with a \"prompt\" per line, or one prompt per line.")
+@click.option("--name", default=None, help="The run's name (default: the model's).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def init(model, output, generator, prompts, name, force):
+    """Write a commented starter config for MODEL (a model folder or a cached hub name)."""
+    from loop.errors import UserError
+    from loop.starter import describe_model, starter_config
+
+    s = describe_model(model)
+    out = Path(output)
+    if output != "-" and out.exists() and not force:
+        raise UserError(f"{output} exists; choose another -o or add --force to overwrite it")
+    s.generator, s.prompts = generator, prompts
+    if Path(prompts).is_file():  # config paths are relative to the config file's folder
+        folder = Path.cwd() if output == "-" else out.resolve().parent
+        s.prompts = os.path.relpath(Path(prompts).resolve(), folder)
+    if name:
+        s.name = name
+    text = starter_config(s)
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    out.write_text(text)
+    click.echo(f"wrote {output}: `selfloop run {output}` starts it"
+               + ("" if Path(prompts).is_file() else f" once {prompts} holds your prompts"),
+               err=True)
 
 
 def main():  # pragma: no cover - console entry

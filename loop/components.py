@@ -25,7 +25,7 @@ the same judge just wrote): the runner stores referenced records first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -299,12 +299,14 @@ class Generator(Component):
         sampling: Sampling,
         *,
         adapter: str | None,
-        progress: bool = True,
+        progress: bool | Callable[[int, int], None] = True,
     ) -> list[list[Completion]]:
         """Return ``sampling.n`` completions per chat, in order.
 
-        ``adapter`` is an adapter folder (``None``: the base model). With ``progress``
-        the generator reports batches through ``ctx.progress``.
+        ``adapter`` is an adapter folder (``None``: the base model). ``progress``: True
+        reports each finished chat (all its samples) through ``ctx.progress(done,
+        len(chats))``; a callable gets ``(done, len(chats))`` instead (a judge counts its
+        own units with it); False reports nothing. See ``progress_callback``.
         """
         raise NotImplementedError
 
@@ -323,6 +325,16 @@ class Generator(Component):
 
     def reclaim(self, ctx: Context) -> None:
         """The updater is done: take the accelerator back (vLLM wakes)."""
+
+
+def progress_callback(ctx: Context, progress: bool | Callable[[int, int], None]
+                      ) -> Callable[[int, int], None] | None:
+    """What a generator calls with ``(chats done, chats in the call)`` as chats finish."""
+    if callable(progress):
+        return progress
+    if progress:
+        return lambda done, total: ctx.progress(done, total)
+    return None
 
 
 class PromptSource(Component):
@@ -433,8 +445,13 @@ class ModelBuilder(Component):
 
     kind = "model_builder"
 
-    def build(self, cache_dir: str) -> str:
-        """Return the path of a Hugging Face model folder, building it if needed."""
+    def build(self, cache_dir: str, progress: Callable[..., None] | None = None) -> str:
+        """Return the path of a Hugging Face model folder, building it if needed.
+
+        A build that takes a while reports ``progress(done, total, **metrics)`` (training
+        steps, say) when given a callback; the dashboard shows it before the run starts.
+        Builders written without the ``progress`` parameter are called without it.
+        """
         raise NotImplementedError
 
 

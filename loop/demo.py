@@ -11,7 +11,6 @@ seconds.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -36,25 +35,27 @@ def run_demo(rounds: int = 3, name: str = "demo", overrides: list[str] = (), pro
     overrides = [f"rounds={rounds}", f"name={name}", *overrides]
     config, comps = r.prepare(str(DEMO_CONFIG), overrides)
     run_dir = config.run_dir
-    t0 = time.monotonic()
-    if (run_dir / r.DB_FILE).is_file() and _status(run_dir) not in ("completed", None):
-        console.print(f"[bold]resuming the unfinished demo run in {run_dir}[/]")
-        runner = r.resume(run_dir)
-    else:
-        with console.status("building the tiny model (first time only; cached in runs/.cache)"):
-            model_path = r.resolve_model_path(config, comps)
-        console.print(f"model: {model_path} ({time.monotonic() - t0:.0f}s)")
-        run_dir = r.create_run(config, comps, model_path, __version__, replace=True)
-        runner = r.Runner(run_dir, config, comps, model_path, resumed=False)
-    execute(runner, progress)
-    store = open_reader(run_dir)
-    try:
-        rows = report_data(store)
-    finally:
-        store.close()
-    Console().print(report_table(rows))
-    console.print(f"total {time.monotonic() - t0:.0f}s; run folder {run_dir} "
-                  f"(`selfloop status {run_dir}`, `sqlite3 {run_dir}/run.db`)")
+    rows: list[dict] = []
+
+    def make_runner(build_progress):
+        if (run_dir / r.DB_FILE).is_file() and _status(run_dir) not in ("completed", None):
+            console.print(f"[bold]resuming the unfinished demo run in {run_dir}[/]")
+            return r.resume(run_dir, build_progress=build_progress)
+        # The seed model is built (first time only; cached in runs/.cache) with its
+        # progress on the dashboard.
+        model_path = r.resolve_model_path(config, comps, progress=build_progress)
+        made = r.create_run(config, comps, model_path, __version__, replace=True)
+        return r.Runner(made, config, comps, model_path, resumed=False)
+
+    def report(folder):
+        store = open_reader(folder)
+        try:
+            rows.extend(report_data(store))
+        finally:
+            store.close()
+        Console().print(report_table(rows))
+
+    execute(make_runner, progress, report=report)
     return rows
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -101,106 +102,224 @@ def _bar(done: float, total: float | None, width: int = 30) -> Text:
     return Text("━" * full, style="green") + Text("━" * (width - full), style="grey35")
 
 
-def render(s: Snapshot, now: float | None = None) -> Group:
-    """The dashboard for one snapshot (a pure function: tests render it into a string)."""
+# The live layout: a two-line head, the metrics panel, warnings, the last events. Sized to
+# the terminal (100x30 shows the head, ~16 metric rows of 5 rounds and 3 events); rows
+# that do not fit are counted in the panel's title (`selfloop status RUN --metrics`).
+NAME_WIDTH = 34  # longest metric name shown whole
+VALUE_WIDTH = 7  # one round's column
+MAX_EVENTS = 6
+
+
+def render(s: Snapshot, now: float | None = None, width: int = 100,
+           height: int | None = None) -> Group:
+    """The dashboard for one snapshot, fitted to ``width`` x ``height`` (None: no height
+    limit). A pure function: tests render it into a string."""
     now = time.time() if now is None else now
-    parts = []
+    narrow = width < 120
     head = Table.grid(padding=(0, 1))
-    head.add_column(width=10)
-    head.add_column()
-    head.add_column()
+    head.add_column(width=8, no_wrap=True)
+    head.add_column(no_wrap=True)
+    head.add_column(no_wrap=True, overflow="ellipsis")
+    bar = 16 if narrow else 30
     total_rounds = s.rounds + 1  # round 0 evaluates the starting policy
-    head.add_row(
-        "rounds", _bar(s.rounds_done, total_rounds),
-        # Plain strings in rich tables are markup: "[completed]" would vanish unescaped.
-        escape(f"{s.rounds_done}/{total_rounds} (round 0 = start)  {s.name}  [{s.status}]"),
-    )
-    if s.phase is not None:
-        elapsed = now - s.phase_started if s.phase_started else 0.0
-        rate = s.done / elapsed if elapsed > 0 and s.done else None
-        eta = (s.total - s.done) / rate if rate and s.total else None
-        count = f"{s.done}/{s.total}" if s.total else f"{s.done}"
-        extra = "  ".join(f"{k}={_fmt(v)}" for k, v in list(s.phase_metrics.items())[:3])
+    if s.status == "building":  # before the run: its model is being built
+        head.add_row("run", _bar(0, None, bar),
+                     "building the seed model (the first time only: it is cached)")
+    else:
         head.add_row(
-            s.phase, _bar(s.done, s.total),
-            escape(f"round {s.round}  {count}  {rate or 0:.1f}/s  elapsed {_duration(elapsed)}"
-                   f"  eta {_duration(eta)}  {extra}"),
+            "rounds", _bar(s.rounds_done, total_rounds, bar),
+            # Plain strings in rich tables are markup: "[completed]" would vanish unescaped.
+            escape(f"{s.rounds_done}/{total_rounds} (round 0 = start)  {s.name}  [{s.status}]"),
         )
-    parts.append(head)
-    recent = {r: s.metrics[r] for r in sorted(s.metrics)[-6:]}
-    tables = metric_tables(recent)
-    if tables:
-        parts.append(Panel(Columns(tables, padding=(0, 4)), title="metrics by round",
-                           title_align="left"))
+    if s.phase is not None:
+        head.add_row(s.phase, _bar(s.done, s.total, bar), escape(_phase_line(s, now)))
+    parts: list = [head]
+    used = 2 if s.phase is not None else 1
     warnings = s.warnings()
+    warn_panel = None
     if warnings:
-        parts.append(Panel(Text("\n".join(warnings), style="bold yellow"), title="warning",
-                           title_align="left", border_style="yellow"))
-    if s.events:
-        ev = Text()
-        for level, message in s.events:
+        warn_panel = Panel(Text("\n".join(warnings), style="bold yellow", no_wrap=True,
+                                overflow="ellipsis"),
+                           title="warning", title_align="left", border_style="yellow")
+        used += len(warnings) + 2
+    events = list(s.events)
+    if height is not None:
+        # Events give way to metrics on short terminals: at most a sixth of the height.
+        events = events[-max(1, min(MAX_EVENTS, height // 6 - 2)):] if events else []
+    ev_lines = len(events) + 2 if events else 0
+    budget = None if height is None else max(1, height - 1 - used - ev_lines - 3)
+    panel = metrics_panel(s.metrics, width, budget, run=s.name)
+    if panel is not None:
+        parts.append(panel)
+    if warn_panel is not None:
+        parts.append(warn_panel)
+    if events:
+        ev = Table.grid()
+        ev.add_column(no_wrap=True, overflow="ellipsis")
+        for level, message in events:
             style = {"error": "red", "warning": "yellow"}.get(level, "dim")
-            ev.append(f"{level:7s} {message}\n", style=style)
-        ev.rstrip()
+            ev.add_row(Text(f"{level:7s} {message}", style=style))
         parts.append(Panel(ev, title="events", title_align="left"))
     return Group(*parts)
 
 
-def metric_tables(metrics: dict, max_rounds: int = 5) -> list[Table]:
-    """The metrics of the last rounds: one row per metric, sections by ``group/`` prefix."""
-    rounds = sorted(metrics)[-max_rounds:]
-    groups: dict[str, set[str]] = {}
-    for r in rounds:
-        for name in metrics[r]:
-            groups.setdefault(name.partition("/")[0], set()).add(name)
-    if not groups:
-        return []
+def _phase_line(s: Snapshot, now: float) -> str:
+    elapsed = now - s.phase_started if s.phase_started else 0.0
+    rate = s.done / elapsed if elapsed > 0 and s.done else None
+    eta = (s.total - s.done) / rate if rate and s.total else None
+    count = f"{s.done}/{s.total}" if s.total else f"{s.done}"
+    where = f"seed model step {count}" if s.round is None else f"round {s.round}  {count}"
+    extra = "  ".join(f"{k}={_fmt(v)}" for k, v in list(s.phase_metrics.items())[:3])
+    return (f"{where}  {rate or 0:.1f}/s  elapsed {_duration(elapsed)}"
+            f"  eta {_duration(eta)}  {extra}").rstrip()
+
+
+class Dashboard:
+    """``render`` at the console's current size (what the live display draws)."""
+
+    def __init__(self, snapshot: Snapshot):
+        self.snapshot = snapshot
+
+    def __rich_console__(self, console, options):
+        yield render(self.snapshot, width=options.max_width, height=console.size.height)
+
+
+def shown_metrics(metrics: dict) -> dict[str, list[str]]:
+    """Metric names by ``group/`` prefix, in dashboard order (GROUP_ORDER, then A-Z).
+
+    With a single judge, its ``judge/<label>/x`` rows are left out where the runner's
+    pooled ``judge/x`` holds the same figure.
+    """
+    names = {name for per_round in metrics.values() for name in per_round}
+    labels = {n.split("/")[1] for n in names if n.startswith("judge/") and n.count("/") == 2}
+    if len(labels) == 1:
+        (label,) = labels
+        prefix = f"judge/{label}/"
+        names = {n for n in names
+                 if not (n.startswith(prefix) and "judge/" + n[len(prefix):] in names)}
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names, key=_priority):
+        groups.setdefault(name.partition("/")[0], []).append(name)
     order = [g for g in GROUP_ORDER if g in groups] + sorted(g for g in groups if g not in GROUP_ORDER)
-    left = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
-    left.add_column("metric", style="bold")
+    return {g: groups[g] for g in order}
+
+
+def _priority(name: str) -> tuple:
+    """Within a group: key metrics, then pooled figures, then per-component ones; A-Z."""
+    key = [k for k, _ in KEY_METRICS]
+    return (key.index(name) if name in key else len(key), name.count("/"), name)
+
+
+def _fit(groups: dict[str, list[str]], rows: int) -> dict[str, list[str]]:
+    """At most ``rows`` names, shared fairly: every group gets one before any gets two."""
+    if sum(len(v) for v in groups.values()) <= rows:
+        return groups
+    taken = {g: 0 for g in groups}
+    left = rows
+    while left > 0:
+        grew = False
+        for g, names in groups.items():
+            if left > 0 and taken[g] < len(names):
+                taken[g] += 1
+                left -= 1
+                grew = True
+        if not grew:
+            break
+    return {g: names[: taken[g]] for g, names in groups.items() if taken[g]}
+
+
+def metrics_panel(metrics: dict, width: int = 100, rows: int | None = None,
+                  run: str = "RUN") -> Panel | None:
+    """The metrics of the last rounds that fit ``width`` and ``rows`` table rows."""
+    groups = shown_metrics(metrics)
+    if not groups:
+        return None
+    total = sum(len(v) for v in groups.values())
+    names = [n for v in groups.values() for n in v]
+    name_w = min(NAME_WIDTH, max(len("metric"), *(len(n) for n in names)))
+    inner = width - 4  # the panel's border and padding
+    n_rounds = max(1, min(5, len(metrics), (inner - name_w) // (VALUE_WIDTH + 1)))
+    table_w = name_w + n_rounds * (VALUE_WIDTH + 1)
+    crowded = total > rows if rows is not None else total > 12
+    columns = 2 if crowded and inner >= 2 * table_w + 4 else 1
+    if rows is None:
+        fitted = groups
+    else:
+        fitted = _fit(groups, rows * columns)
+    shown = sum(len(v) for v in fitted.values())
+    rounds = sorted(metrics)[-n_rounds:]
+    flat = [n for v in fitted.values() for n in v]
+    per = -(-len(flat) // columns)
+    tables = [_metric_table(flat[i * per:(i + 1) * per], metrics, rounds, name_w)
+              for i in range(columns) if flat[i * per:(i + 1) * per]]
+    title = "metrics by round"
+    if shown < total:
+        title += f" ({shown} of {total}; all: selfloop status {run} --metrics)"
+    body = tables[0] if len(tables) == 1 else Columns(tables, padding=(0, 4))
+    return Panel(body, title=escape(title), title_align="left")
+
+
+def _metric_table(names: list[str], metrics: dict, rounds: list[int], name_w: int) -> Table:
+    t = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
+    t.add_column("metric", style="bold", no_wrap=True, overflow="ellipsis", max_width=name_w)
     for r in rounds:
-        left.add_column(f"r{r}", justify="right")
-    halves = [left]
-    if sum(len(groups[g]) for g in order) > 12:
-        right = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
-        right.add_column("metric", style="bold")
-        for r in rounds:
-            right.add_column(f"r{r}", justify="right")
-        halves.append(right)
-    # Fill the first table with the first half of the groups, the second with the rest.
-    total = sum(len(groups[g]) for g in order)
-    filled = 0
-    for group in order:
-        table = halves[0] if filled < total / len(halves) or len(halves) == 1 else halves[1]
-        for name in sorted(groups[group]):
-            table.add_row(name, *(_fmt(metrics[r].get(name)) for r in rounds))
-            filled += 1
-        table.add_section()
-    return halves
+        t.add_column(f"r{r}", justify="right", no_wrap=True, min_width=VALUE_WIDTH - 2)
+    for name in names:
+        t.add_row(name, *(_fmt(metrics[r].get(name)) for r in rounds))
+    return t
 
 
 class RichMonitor:
-    """The live dashboard, registered as a plugin for the length of a run."""
+    """The live dashboard, registered as a plugin for the length of a run.
+
+    The display starts on the first thing to show: the seed model's build
+    (``build_progress``, before the run exists) or the run's start.
+    """
+
+    live_terminal = True  # it draws on the terminal: stderr goes to the run's log meanwhile
 
     def __init__(self, console: Console | None = None, refresh_per_second: float = 4):
         self.console = console or Console()
         self.snapshot = Snapshot()
+        # stderr is not redirected into the display: loop.terminal sends it to run.log.
         self.live = Live(console=self.console, refresh_per_second=refresh_per_second,
-                         get_renderable=lambda: render(self.snapshot), transient=False)
+                         get_renderable=lambda: Dashboard(self.snapshot), transient=False,
+                         redirect_stderr=False)
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self.live.start()
 
     def __enter__(self):
-        self.live.start()
+        self.start()
         return self
 
     def __exit__(self, *exc):
-        self.live.refresh()
-        self.live.stop()
+        if self._started:
+            self._started = False
+            self.live.refresh()
+            self.live.stop()
         return False
+
+    def note(self, text: str) -> None:
+        """A line above the dashboard."""
+        self.console.print(escape(text), highlight=False)
+
+    def build_progress(self, done: int, total: int | None = None, **metrics: float) -> None:
+        """The seed model's build: training steps done of ``total`` (before the run starts)."""
+        s = self.snapshot
+        if s.phase != "model":
+            s.phase, s.round, s.phase_started, s.status = "model", None, time.time(), "building"
+        s.done, s.total, s.phase_metrics = done, total, metrics
+        self.start()
 
     @hookimpl
     def run_start(self, run):
         s = self.snapshot
         s.name, s.rounds, s.status = run.name, run.rounds, "running"
+        s.phase = None  # the model's build, if any, is over
         quality = run.config.judge_quality
         s.length_bias_threshold = quality.length_bias_threshold
         s.length_ratio_threshold = quality.length_ratio_threshold
@@ -247,10 +366,17 @@ class RichMonitor:
 class PlainMonitor:
     """Log lines: phase starts and ends, progress every few seconds, round metrics."""
 
+    live_terminal = False
+
     def __init__(self, stream=None, every: float = 5.0):
-        self.stream = stream or sys.stderr
+        self._stream = stream
         self.every = every
         self._last = 0.0
+        self._build_started: float | None = None
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr  # looked up late: loop.terminal may wrap it
 
     def __enter__(self):
         return self
@@ -260,7 +386,26 @@ class PlainMonitor:
 
     def _line(self, text: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")
-        print(f"{stamp} {text}", file=self.stream, flush=True)
+        try:
+            print(f"{stamp} {text}", file=self.stream, flush=True)
+        except BrokenPipeError:  # `selfloop run ... 2>&1 | head`: the reader left
+            self._stream = open(os.devnull, "w")
+
+    def note(self, text: str) -> None:
+        self._line(text)
+
+    def build_progress(self, done: int, total: int | None = None, **metrics: float) -> None:
+        now = time.monotonic()
+        if self._build_started is None:
+            self._build_started = self._last = now
+            self._line(f"building the seed model ({total or '?'} steps; cached afterwards)")
+        if now - self._last >= self.every or (total and done >= total):
+            self._last = now
+            elapsed = now - self._build_started
+            eta = (total - done) * elapsed / done if total and done else None
+            extra = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+            self._line(f"seed model step {done}/{total or '?'} {extra} elapsed "
+                       f"{_duration(elapsed)} eta {_duration(eta)}")
 
     @hookimpl
     def run_start(self, run):
@@ -375,14 +520,14 @@ def watch(run_dir: str | Path, interval: float = 1.0, once: bool = False,
     store = open_reader(run_dir)
     snap = None
     try:
-        if once:
+        if once:  # everything, at the console's width (a snapshot for a log)
             snap = snapshot_from_store(store)
-            console.print(render(snap))
+            console.print(render(snap, width=console.width))
         else:
             with Live(console=console, refresh_per_second=4) as live:
                 while True:
                     snap = snapshot_from_store(store)
-                    live.update(render(snap))
+                    live.update(Dashboard(snap))  # fitted to the terminal, as during the run
                     if snap.status != "running":
                         break
                     time.sleep(interval)
@@ -473,3 +618,24 @@ def status_table(data: dict) -> Group:
         if row["metrics"]:
             m.add_row(str(row["round"]), *(_fmt(row["metrics"].get(k)) for k, _ in KEY_METRICS))
     return Group(t, m)
+
+
+def all_metrics_table(data: dict, max_rounds: int = 10) -> Table:
+    """``status --metrics``: every metric (one row each, by ``group/`` prefix) of the last
+    ``max_rounds`` rounds; ``status --json`` has every round."""
+    per = {row["round"]: row["metrics"] for row in data["per_round"] if row["metrics"]}
+    rounds = sorted(per)[-max_rounds:]
+    names = sorted({n for r in rounds for n in per[r]})
+    groups = [g for g in GROUP_ORDER if any(n.startswith(g + "/") for n in names)]
+    groups += sorted({n.partition("/")[0] for n in names} - set(groups))
+    t = Table(title=escape(f"{data['name']} [{data['status']}]: all metrics"), title_justify="left")
+    t.add_column("metric", no_wrap=True)
+    for r in rounds:
+        t.add_column(f"r{r}", justify="right")
+    for g in groups:
+        for name in (n for n in names if n.partition("/")[0] == g):
+            t.add_row(name, *(_fmt(per[r].get(name)) for r in rounds))
+        t.add_section()
+    if len(per) > len(rounds):
+        t.caption = f"the last {len(rounds)} of {len(per)} rounds; --json has them all"
+    return t

@@ -726,13 +726,15 @@ def _seed_everything(seed: int) -> None:
 
 
 def start(config_path: str | None, overrides=(), *, data: dict | None = None, extra_plugins=(),
-          replace: bool = False, version: str = "0") -> Runner:
-    """Validate, create the run folder and return a Runner (not yet running)."""
+          replace: bool = False, version: str = "0", build_progress=None) -> Runner:
+    """Validate, create the run folder and return a Runner (not yet running).
+
+    ``build_progress(done, total, **metrics)`` follows a model builder's work."""
     config, comps = prepare(config_path, overrides, data=data, extra_plugins=extra_plugins)
     # Before the model: a builder may take minutes, and it writes its cache under runs_dir.
     check_runs_dir(config)
     _refuse_existing(config, replace)
-    model_path = resolve_model_path(config, comps)
+    model_path = resolve_model_path(config, comps, progress=build_progress)
     try:
         run_dir = create_run(config, comps, model_path, version, replace=replace)
     except Exception as e:
@@ -745,7 +747,7 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
 
 
 def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
-           redo: str | None = None) -> Runner:
+           redo: str | None = None, build_progress=None) -> Runner:
     """Continue a run (the caller runs the returned Runner).
 
     The run's lock is taken first, so a refused resume changes nothing. The database's
@@ -769,7 +771,8 @@ def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
         integrity.check_database(run_dir / DB_FILE)
         writer = Store.open(run_dir / DB_FILE)
         try:
-            runner = _resume_locked(run_dir, writer, lock, list(extra_plugins), list(overrides), redo)
+            runner = _resume_locked(run_dir, writer, lock, list(extra_plugins), list(overrides), redo,
+                                    build_progress)
         finally:
             writer.close()
     except BaseException:
@@ -779,7 +782,7 @@ def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
 
 
 def _resume_locked(run_dir: Path, writer: Store, lock: RunLock, extra_plugins: list[str],
-                   overrides: list[str], redo: str | None) -> Runner:
+                   overrides: list[str], redo: str | None, build_progress=None) -> Runner:
     row = writer.run_row()
     if row is None:
         raise integrity.DamagedFile(
@@ -799,7 +802,7 @@ def _resume_locked(run_dir: Path, writer: Store, lock: RunLock, extra_plugins: l
     comps = build_components(config)
     model_path = row.get("model_path")
     if not model_path or not Path(model_path).exists():
-        model_path = resolve_model_path(config, comps)
+        model_path = resolve_model_path(config, comps, progress=build_progress)
     # Everything is validated: from here on the run is changed.
     if rewritten:
         writer.add_event(None, None, "info", f"{CONFIG_FILE} was missing: written again from the database")

@@ -9,6 +9,7 @@ resolved config saved in ``config.json`` and in the database. ``loop.runner`` ru
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -129,10 +130,14 @@ def build_components(config: RunConfig) -> Components:
     )
 
 
-def resolve_model_path(config: RunConfig, comps: Components) -> str:
+def resolve_model_path(config: RunConfig, comps: Components, progress=None) -> str:
     """The base model folder: a local folder, a cached hub snapshot, or a builder's output;
-    checked (loop/model_check.py) before anything is written."""
-    path = _find_model(config, comps)
+    checked (loop/model_check.py) before anything is written.
+
+    ``progress(done, total, **metrics)`` follows a builder's work (the dashboard's "model"
+    row), for builders whose ``build`` takes a ``progress`` argument.
+    """
+    path = _find_model(config, comps, progress)
     from loop.model_check import check_model_folder
     from loop.policy import resolve_device
 
@@ -140,14 +145,18 @@ def resolve_model_path(config: RunConfig, comps: Components) -> str:
     return path
 
 
-def _find_model(config: RunConfig, comps: Components) -> str:
+def _find_model(config: RunConfig, comps: Components, progress=None) -> str:
     from loop.model_check import looks_like_hub_id
 
     if comps.model_builder is not None:
         cache = Path(config.runs_dir).resolve() / ".cache"
         cache.mkdir(parents=True, exist_ok=True)
+        builder = comps.model_builder
+        kwargs = {}
+        if progress is not None and "progress" in inspect.signature(builder.build).parameters:
+            kwargs["progress"] = progress
         # Absolute: runs.model_path must still point at it when resumed from another folder.
-        return str(Path(comps.model_builder.build(str(cache))).resolve())
+        return str(Path(builder.build(str(cache), **kwargs)).resolve())
     raw = config.model.path
     p = Path(raw).expanduser()
     if not p.is_absolute() and config.source_dir is not None and (config.source_dir / p).exists():

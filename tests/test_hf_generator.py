@@ -138,14 +138,50 @@ def test_adapter_changes_the_policy(gen, make_ctx, random_adapter):
     assert texts_base != texts_adapted
 
 
-def test_progress_per_batch(make_ctx):
+def test_progress_per_chat_inside_a_batch(make_ctx):
+    """One batch of 8 chats moves as its chats end and as decoding goes, not at its end."""
     seen = []
     ctx = make_ctx(progress=lambda done, total, metrics: seen.append((done, total)))
-    gen = HFGenerator(HFGenerator.Options(batch_size=2))
-    gen.generate(ctx, CHATS, loop.Sampling(n=1, max_new_tokens=2), adapter=None)
-    assert seen == [(2, 3), (3, 3)]
-    gen.generate(ctx, CHATS, loop.Sampling(n=1, max_new_tokens=2), adapter=None, progress=False)
-    assert len(seen) == 2
+    gen = HFGenerator(HFGenerator.Options(batch_size=8))
+    chats = [[{"role": "user", "content": f"Question {i}: say something"}] for i in range(8)]
+    sampling = loop.Sampling(n=1, temperature=1.0, max_new_tokens=40, seed=2)
+    out = gen.generate(ctx, chats, sampling, adapter=None)
+    assert sum(s[0].finish_reason == "stop" for s in out) <= 1  # nearly all run to the end
+    assert seen[-1] == (8, 8)
+    early = [done for done, _ in seen[:-1]]
+    assert early == sorted(set(early)) and len(early) >= 6  # about one chat's worth per 5 steps
+    # a callable gets (done, total) instead of ctx.progress; False reports nothing
+    calls = []
+    gen.generate(ctx, chats, sampling, adapter=None, progress=lambda d, t: calls.append((d, t)))
+    assert calls == seen
+    gen.generate(ctx, chats, sampling, adapter=None, progress=False)
+    assert len(seen) == len(calls)
+    # across batches: totals count every chat of the call
+    seen.clear()
+    HFGenerator(HFGenerator.Options(batch_size=2)).generate(
+        ctx, CHATS, loop.Sampling(n=1, max_new_tokens=2), adapter=None)
+    assert seen[-1] == (3, 3) and (2, 3) in seen
+
+
+def test_finished_chats_counts_ended_chats_and_the_decoding_share():
+    """k = finished + (chats - finished) * step // max_new_tokens, reported when it grows."""
+    from plugins.generators.hf import _FinishedChats
+
+    got = []
+    watch = _FinishedChats([0], copies=2, max_new_tokens=10, report=got.append)
+    # 4 chats x 2 samples (rows 2i, 2i+1); token 0 ends a sample.
+    step1 = torch.tensor([0, 0, 5, 0, 5, 5, 5, 5])  # chat 0 ends; chat 1 half-ended
+    other = torch.tensor([0, 0, 5, 0, 5, 5, 5, 5])
+    watch(step1.unsqueeze(1), None)
+    assert got == [1]  # 1 + 3 * 1 // 10
+    for _ in range(2, 4):  # steps 2, 3: 1 + 3 * 3 // 10 = 1, nothing new
+        watch(other.unsqueeze(1), None)
+    assert got == [1]
+    watch(torch.tensor([0, 0, 0, 0, 5, 5, 5, 5]).unsqueeze(1), None)  # step 4: chat 1 ends
+    assert got == [1, 2]  # 2 + 2 * 4 // 10
+    for _ in range(5, 11):
+        stop = watch(other.unsqueeze(1), None)
+    assert got == [1, 2, 3, 4] and not stop.any()  # step 10 = max_new_tokens: all counted
 
 
 def test_registered_through_the_hook():

@@ -173,3 +173,29 @@ def test_registered_through_the_hook():
     got = []
     self_reward.register_judges(got.append)
     assert got == [SelfRewardJudge] and SelfRewardJudge.name == "self_reward"
+
+
+class PerChatGenerator(ScriptedGenerator):
+    """Reports each chat as it is done, as the built-in generators do."""
+
+    def generate(self, ctx, chats, sampling, *, adapter, progress=True):
+        report = loop.progress_callback(ctx, progress)
+        out = []
+        for i, chat in enumerate(chats):
+            out += super().generate(ctx, [chat], sampling, adapter=adapter, progress=False)
+            if report is not None:
+                report(i + 1, len(chats))
+        return out
+
+
+def test_judge_progress_counts_candidates_across_chunks():
+    """A slow judge moves: one step per candidate judged, not one per chunk of 64."""
+    seen = []
+    gen = PerChatGenerator(["Score: 3"] * 10)
+    ctx = make_context(generator=gen, phase="judge",
+                       progress=lambda done, total, metrics: seen.append((done, total)))
+    prompt = loop.Prompt(text="p", id=1)
+    cands = [loop.Candidate(prompt=prompt, text=str(i), id=i) for i in range(5)]
+    SelfRewardJudge(SelfRewardJudge.Options(samples=2, batch_size=2)).judge(ctx, cands)
+    assert sorted(set(seen)) == [(k, 5) for k in range(1, 6)]
+    assert seen == sorted(seen)

@@ -151,6 +151,20 @@ def test_sampling_contract(gen, policy):
     assert compared >= 2
 
 
+def test_progress_per_finished_request(gen, policy):
+    """vLLM's progress-bar hook counts finished requests: one report per chat, in one call."""
+    seen = []
+    ctx = ctx_for(policy, progress=lambda done, total, metrics: seen.append((done, total)))
+    chats = CHATS * 3
+    gen.generate(ctx, chats, loop.Sampling(n=2, temperature=1.0, max_new_tokens=20, seed=3),
+                 adapter=None)
+    assert seen == [(k, len(chats)) for k in range(0, len(chats) + 1)]  # 0: the total, at once
+    calls = []
+    gen.generate(ctx, chats, loop.Sampling(n=1, max_new_tokens=4, seed=3), adapter=None,
+                 progress=lambda d, t: calls.append((d, t)))
+    assert calls == seen
+
+
 def test_sync_check_fails_on_a_stale_adapter(gen, policy, adapters):
     from plugins.generators.vllm import PolicyOutOfSync
 

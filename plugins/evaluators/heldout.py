@@ -34,7 +34,7 @@ class HeldoutOptions(Checked):
     source: str | None = None  # the prompt source's label (None: the first [[prompts]])
     # Answering: greedy by default, so a round's answers are one fixed function of its policy.
     temperature: float = Field(0.0, ge=0.0)
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="longest answer to a held-out prompt")
 
     @field_validator("path")
     @classmethod

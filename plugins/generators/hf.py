@@ -13,11 +13,16 @@ and on one GPU there is never a second copy of the weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from pydantic import Field
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 import loop
 from loop.context import derive_seed
@@ -61,6 +66,45 @@ class _RawLogprobs(LogitsProcessor):
         return torch.stack(self.taken, dim=1)
 
 
+class _FinishedChats(StoppingCriteria):
+    """Counts a batch's chats as generation goes, so a slow batch moves step by step.
+
+    It never stops anything (it answers False for every row). After each decoding step t
+    (of at most ``max_new_tokens`` = T) it calls ``report(k)`` when k grew, where k counts
+    the chats whose samples have all ended plus the others' share of the decoding done so
+    far: ``finished + (chats - finished) * t / T``, rounded down. It reaches the batch's
+    size when the last chat ends, and never runs ahead of the work: a chat still decoding
+    at step t has had t of its at most T tokens.
+    """
+
+    def __init__(self, stops: list[int], copies: int, max_new_tokens: int,
+                 report: Callable[[int], None]):
+        self.stops = stops
+        self.copies = copies
+        self.max_new_tokens = max(1, max_new_tokens)
+        self.report = report
+        self.ended: torch.Tensor | None = None
+        self.step = 0
+        self.count = 0
+        self._stops: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1]
+        if self._stops is None:
+            self._stops = torch.tensor(self.stops, device=last.device)
+        ended = torch.isin(last, self._stops)
+        self.ended = ended if self.ended is None else self.ended | ended
+        self.step += 1
+        chats = last.shape[0] // self.copies
+        finished = int(self.ended.view(-1, self.copies).all(dim=1).sum())
+        share = min(self.step, self.max_new_tokens)
+        count = finished + (chats - finished) * share // self.max_new_tokens
+        if count > self.count:
+            self.count = count
+            self.report(count)
+        return torch.zeros_like(last, dtype=torch.bool)
+
+
 class HFGenerator(loop.Generator):
     """Batched, left-padded sampling with ``model.generate`` (transformers + PEFT).
 
@@ -97,7 +141,7 @@ class HFGenerator(loop.Generator):
         sampling: loop.Sampling,
         *,
         adapter: str | None,
-        progress: bool = True,
+        progress: bool | Callable[[int, int], None] = True,
     ) -> list[list[loop.Completion]]:
         if sampling.n < 1:
             raise ValueError(f"sampling.n must be at least 1, got {sampling.n}")
@@ -105,18 +149,33 @@ class HFGenerator(loop.Generator):
         tok = policy.tokenizer
         prompts = [encode_prompt(tok, chat) for chat in chats]
         size = self.options.batch_size
+        report = loop.progress_callback(ctx, progress)
+        done = [0]
+
+        def finished(count: int) -> None:  # chats done so far, each reported once
+            if report is not None and count > done[0]:
+                done[0] = count
+                report(count, len(prompts))
+
+        if report is not None:
+            report(0, len(prompts))  # the total, before the first chat is done
+        copies = 1 if sampling.temperature <= 0.0 else sampling.n
         results: list[list[loop.Completion]] = []
         with policy.using(adapter) as model:
             stops = stop_token_ids(tok, model)
             for index, start in enumerate(range(0, len(prompts), size)):
                 batch = prompts[start : start + size]
                 seed = derive_seed(sampling.seed, "batch", index)
-                results.extend(self._generate_batch(model, tok, batch, sampling, stops, seed))
-                if progress:
-                    ctx.progress(min(start + size, len(prompts)), len(prompts))
+                watch = None
+                if report is not None:
+                    watch = _FinishedChats(stops, copies, sampling.max_new_tokens,
+                                           lambda k, s=start: finished(s + k))
+                results.extend(
+                    self._generate_batch(model, tok, batch, sampling, stops, seed, watch))
+                finished(start + len(batch))
         return results
 
-    def _generate_batch(self, model, tok, prompts, sampling, stops, seed):
+    def _generate_batch(self, model, tok, prompts, sampling, stops, seed, watch=None):
         greedy = sampling.temperature <= 0.0
         copies = 1 if greedy else sampling.n  # greedy samples are all the same path
         device = model.device
@@ -128,6 +187,7 @@ class HFGenerator(loop.Generator):
                 attention_mask=attention_mask,
                 generation_config=_generation_config(sampling, copies, stops, tok.pad_token_id),
                 logits_processor=LogitsProcessorList([recorder]),
+                stopping_criteria=StoppingCriteriaList([watch] if watch is not None else []),
             )
         generated = out[:, input_ids.shape[1] :]
         token_logprobs = recorder.finish(generated)

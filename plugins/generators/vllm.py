@@ -33,12 +33,14 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from pydantic import Field
 
 import loop
+from loop import terminal
 from loop.context import derive_seed
 from loop.policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from plugins.sequences import encode_prompt, encode_response, stop_token_ids
@@ -56,6 +58,47 @@ SYNC_SEQUENCES = (
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
      "Blue"),
 )
+
+
+class _FinishedRequests:
+    """What ``LLM.generate(use_tqdm=...)`` takes for a progress bar: instead of drawing one,
+    it reports each finished request (a chat with all its samples) to ``report(k)``.
+
+    vLLM calls ``update(n)`` once per finished request and reads ``format_dict["elapsed"]``,
+    ``n`` and ``postfix`` (vllm/entrypoints/common/offline.py, ``_run_engine``). It also
+    wraps the prompts it renders (``maybe_tqdm(prompts, use_tqdm=...)``): those are
+    returned as they are.
+    """
+
+    def __init__(self, report: Callable[[int], None], total: int | None = None, **_: object):
+        self.report = report
+        self.total = total
+        self.n = 0
+        self.requests = 0
+        self.postfix = ""
+        self._t0 = time.monotonic()
+
+    @classmethod
+    def factory(cls, report: Callable[[int], None]) -> Callable[..., object]:
+        def make(iterable=None, **kwargs):
+            return iterable if iterable is not None else cls(report, **kwargs)
+
+        return make
+
+    @property
+    def format_dict(self) -> dict:
+        return {"elapsed": max(time.monotonic() - self._t0, 1e-9)}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.requests += 1
+        self.report(self.requests)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class PolicyOutOfSync(RuntimeError):
@@ -91,11 +134,12 @@ class VLLMGenerator(loop.Generator):
         # Largest adapter rank served; None: the updater's lora_rank(), at least 8. Rounded
         # up to a rank vLLM accepts.
         max_lora_rank: int | None = Field(None, ge=1, le=512)
-        tensor_parallel_size: int = Field(1, ge=1)
+        tensor_parallel_size: int = Field(
+            1, ge=1, description="GPUs the engine shards the model over (vLLM tensor parallelism)")
         # Skip torch.compile / CUDA graphs. None: on for CPU (compilation costs more than it
         # saves on short runs, see bench/generate.py), off for CUDA.
         enforce_eager: bool | None = None
-        # Prompts per engine call (each with n samples); progress is reported per call.
+        # Prompts per engine call (each with n samples); progress is reported per prompt.
         batch_size: int = Field(512, ge=1)
         # Compare vLLM with the PEFT model after every adapter swap.
         sync_check: bool = True
@@ -195,15 +239,17 @@ class VLLMGenerator(loop.Generator):
         return next(r for r in LORA_RANKS if r >= wanted)
 
     def _configure_logging(self, ctx) -> None:
-        """vLLM's messages: ``log_level`` and up on stderr; everything from INFO up in
-        <run folder>/vllm.log. vLLM applies this dictConfig itself when an engine starts
+        """vLLM's messages: ``log_level`` and up on stderr (not while the live dashboard
+        holds the terminal); everything from INFO up in <run folder>/vllm.log. vLLM applies this dictConfig itself when an engine starts
         (``VLLM_LOGGING_CONFIG_PATH``); a path you set yourself is left alone."""
         theirs = os.environ.get("VLLM_LOGGING_CONFIG_PATH")
         if theirs and self._log_config is None and not Path(theirs).name.startswith(LOG_CONFIG_PREFIX):
             return  # the user's own (ours, inherited from a parent process, is replaced)
         level = self.options.log_level
-        handlers = {"console": {"class": "logging.StreamHandler", "level": level,
-                                "formatter": "plain", "stream": "ext://sys.stderr"}}
+        handlers = {}
+        if not terminal.held():  # the live dashboard's stderr is run.log: vllm.log has it all
+            handlers["console"] = {"class": "logging.StreamHandler", "level": level,
+                                   "formatter": "plain", "stream": "ext://sys.stderr"}
         run_dir = Path(ctx.run_dir)
         if (run_dir / "run.db").is_file():  # a run folder (not a bare component test)
             handlers["file"] = {"class": "logging.FileHandler", "level": "INFO", "formatter": "plain",
@@ -340,7 +386,7 @@ class VLLMGenerator(loop.Generator):
         sampling: loop.Sampling,
         *,
         adapter: str | None,
-        progress: bool = True,
+        progress: bool | Callable[[int, int], None] = True,
     ) -> list[list[loop.Completion]]:
         if sampling.n < 1:
             raise ValueError(f"sampling.n must be at least 1, got {sampling.n}")
@@ -371,17 +417,29 @@ class VLLMGenerator(loop.Generator):
         ]
         size = self.options.batch_size
         stop_set = set(stops)
+        report = loop.progress_callback(ctx, progress)
+        done = [0]
+
+        def finished(count: int) -> None:  # chats done so far, each reported once
+            if report is not None and count > done[0]:
+                done[0] = count
+                report(count, len(prompts))
+
+        if report is not None:
+            report(0, len(prompts))  # the total, before the first chat is done
         results: list[list[loop.Completion]] = []
         for start in range(0, len(prompts), size):
+            counter = False  # vLLM's own tqdm bar: never
+            if report is not None:
+                counter = _FinishedRequests.factory(lambda k, s=start: finished(s + k))
             outs = llm.generate(prompts[start : start + size], params[start : start + size],
-                                lora_request=request, use_tqdm=False)
+                                lora_request=request, use_tqdm=counter)
             for out in outs:
                 samples = [_completion(tok, o, stop_set) for o in sorted(out.outputs, key=lambda o: o.index)]
                 if greedy:  # n separate records of the one greedy path
                     samples = [dataclasses.replace(samples[0]) for _ in range(sampling.n)]
                 results.append(samples)
-            if progress:
-                ctx.progress(min(start + size, len(prompts)), len(prompts))
+            finished(min(start + size, len(prompts)))
         return results
 
     def logprobs(

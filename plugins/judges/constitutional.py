@@ -201,8 +201,8 @@ class ConstitutionalJudge(loop.Judge):
         per_prompt: int | None = Field(None, ge=1)
         # Sampling for critiques and revisions (0: greedy).
         temperature: float = Field(0.7, ge=0.0)
-        critique_max_new_tokens: int = Field(256, ge=1)
-        revision_max_new_tokens: int = Field(256, ge=1)
+        critique_max_new_tokens: int = Field(256, ge=1, description="longest critique, in tokens")
+        revision_max_new_tokens: int = Field(256, ge=1, description="longest revision, in tokens")
         # Templates: names in prompts/ (without .j2) or paths to .j2 files; each may place
         # the constitution's few-shot `examples`.
         critique_template: template_option("prompt", "response", "request",
@@ -238,20 +238,26 @@ class ConstitutionalJudge(loop.Judge):
         chains: list[list[dict]] = [[] for _ in originals]
         text = [c.text for c in originals]
         live = list(range(len(originals)))
+        # Progress in requests: a critique and a revision per original and pass (answers
+        # that stop being revised skip ahead at the end of their pass).
+        total = 2 * opts.passes * len(originals)
         for step in range(opts.passes):
             if not live:
                 break
             chosen = {i: rng.choice(principles) for i in live}
+            base = 2 * step * len(originals)
             critiques = self._ask(ctx, [
                 critique_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
                                   request=chosen[i].critique, examples=shots) for i in live
-            ], opts.critique_max_new_tokens, ("critique", step), result)
+            ], opts.critique_max_new_tokens, ("critique", step), result,
+                lambda done, _, b=base: ctx.progress(b + done, total))
             revisions = self._ask(ctx, [
                 revision_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
                                   critique=quote(crit.text.strip()), request=chosen[i].revision,
                                   examples=shots)
                 for i, crit in zip(live, critiques)
-            ], opts.revision_max_new_tokens, ("revision", step), result)
+            ], opts.revision_max_new_tokens, ("revision", step), result,
+                lambda done, _, b=base + len(live): ctx.progress(b + done, total))
             still = []
             for i, crit, rev in zip(live, critiques, revisions):
                 new = rev.text.strip()
@@ -266,7 +272,7 @@ class ConstitutionalJudge(loop.Judge):
                 text[i] = new
                 still.append(i)
             live = still
-            ctx.progress(step + 1, opts.passes)
+            ctx.progress(2 * (step + 1) * len(originals), total)
         new_cands: list[loop.Candidate] = []
         pairs: list[loop.Pair] = []
         outcomes = {"empty": 0, "truncated": 0, "unchanged": 0}
@@ -304,13 +310,13 @@ class ConstitutionalJudge(loop.Judge):
         return result
 
     def _ask(self, ctx, messages: list[str], max_new_tokens: int, seed_labels,
-             result: loop.JudgeResult) -> list[loop.Completion]:
+             result: loop.JudgeResult, progress=False) -> list[loop.Completion]:
         chats = [[{"role": "user", "content": m}] for m in messages]
         sampling = loop.Sampling(n=1, temperature=self.options.temperature,
                                  max_new_tokens=max_new_tokens,
                                  seed=ctx.derive_seed(self.label, *seed_labels))
         out = ctx.generator.generate(ctx, chats, sampling, adapter=self.judge_adapter(ctx),
-                                     progress=False)
+                                     progress=progress)
         result.count([group[0] for group in out])
         return [group[0] for group in out]
 

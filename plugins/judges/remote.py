@@ -62,10 +62,10 @@ class RemoteJudge(loop.Judge):
         # A name in prompts/ (without .j2) or a path to a .j2 file using {prompt, response}.
         template: template_option("prompt", "response") = "self_reward"
         samples: int = Field(3, ge=1)  # judge samples per candidate (each one request)
-        temperature: float = Field(0.7, ge=0.0)
+        temperature: float = Field(0.7, ge=0.0, description="the endpoint's sampling temperature")
         max_tokens: int = Field(512, ge=1)  # room for the justification and the Score line
-        min_score: float = 0
-        max_score: float = 5
+        min_score: float = Field(0, description="lowest valid score (outside the range: a parse failure)")
+        max_score: float = Field(5, description="highest valid score (outside the range: a parse failure)")
         concurrency: int = Field(8, ge=1, le=256)  # requests in flight
         # per attempt, a deadline for the whole request: connect, send, headers, body
         timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)

@@ -75,7 +75,7 @@ class SelfRewardJudge(loop.Judge):
         max_new_tokens: int = Field(256, ge=1)
         # The rubric's range; a final score outside it is a parse failure, not clamped.
         min_score: float = 0
-        max_score: float = 5
+        max_score: float = Field(5, description="the rubric's top score")
         # Candidates per generator call (the generator batches again inside); progress unit.
         batch_size: int = Field(64, ge=1)
 
@@ -110,8 +110,10 @@ class SelfRewardJudge(loop.Judge):
                 max_new_tokens=opts.max_new_tokens,
                 seed=ctx.derive_seed(self.label, index),
             )
+            # Progress per candidate judged (all its samples), across the chunks.
             outputs = ctx.generator.generate(
-                ctx, chats, sampling, adapter=self.judge_adapter(ctx), progress=False
+                ctx, chats, sampling, adapter=self.judge_adapter(ctx),
+                progress=lambda done, _, s=start: ctx.progress(s + done, len(candidates)),
             )
             for candidate, completions in zip(chunk, outputs):
                 result.count(completions)

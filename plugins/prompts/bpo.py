@@ -75,10 +75,11 @@ class BPO(loop.PromptOptimiser):
         min_examples: int = Field(1, ge=1)
         # Templates: writing an improved prompt from a pair, and the rewriter's input.
         template: template_option("prompt", "chosen", "rejected") = "bpo_improve"
-        rewriter_template: template_option("prompt") = "bpo_rewriter"
+        rewriter_template: template_option("prompt") = Field("bpo_rewriter", description=(
+            "the rewriter's input: a name in prompts/ (without .j2) or a .j2 path using {prompt}"))
         # Sampling while writing improved prompts from pairs.
         temperature: float = Field(0.7, ge=0.0)
-        max_new_tokens: int = Field(128, ge=1)
+        max_new_tokens: int = Field(128, ge=1, description="longest improved prompt written from a pair")
         # Length of a rewrite (the rewriter decodes greedily).
         rewrite_max_new_tokens: int = Field(128, ge=1)
         # How the rewriter adapter is trained (plugins/updaters/sft.py).

@@ -106,7 +106,7 @@ class OPRO(loop.PromptOptimiser):
         template: template_option("history", "exemplars") = "opro"
         # Sampling of proposals (the paper samples at 1.0 for diverse instructions).
         temperature: float = Field(1.0, ge=0.0)
-        max_new_tokens: int = Field(64, ge=1)
+        max_new_tokens: int = Field(64, ge=1, description="longest proposed instruction, in tokens")
         # Sampling of the answers being scored (0 = greedy: less noise between instructions).
         answer_temperature: float = Field(0.0, ge=0.0)
         # Answer length while scoring (None: the run's generate.max_new_tokens).

@@ -80,11 +80,12 @@ class SelfInstructPrompts(loop.PromptSource):
         template: template_option("examples") = "self_instruct"
         # Sampling for the writer: diverse on purpose (Self-Instruct samples at 0.7-1.0).
         temperature: float = Field(1.0, ge=0.0)
-        top_p: float = Field(0.9, gt=0.0, le=1.0)
-        max_new_tokens: int = Field(128, ge=1)
+        top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling for the writer")
+        max_new_tokens: int = Field(128, ge=1, description="longest new prompt, in tokens")
         # Word n-gram size and the overlap at or above which a prompt is a near-duplicate.
         ngram: int = Field(3, ge=1)
-        max_overlap: float = Field(0.7, gt=0.0, le=1.0)
+        max_overlap: float = Field(0.7, gt=0.0, le=1.0, description=(
+            "n-gram overlap at or above which a new prompt is a near-duplicate (dropped)"))
         # Length limits in words (Self-Instruct drops too short and too long instructions).
         min_words: int = Field(3, ge=1)
         max_words: int = Field(150, ge=1)

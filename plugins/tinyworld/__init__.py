@@ -37,9 +37,9 @@ class TinyworldBuilder(loop.ModelBuilder):
     name = "tinyworld"
     Options = Recipe
 
-    def build(self, cache_dir: str) -> str:
+    def build(self, cache_dir: str, progress=None) -> str:
         recipe = Recipe.model_validate(self.options.model_dump())
-        return build(cache_dir, recipe, log=log.info)
+        return build(cache_dir, recipe, log=log.info, progress=progress)
 
 
 class TinyworldPrompts(loop.PromptSource):

@@ -181,8 +181,11 @@ def make_model(recipe: Recipe, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def train_seed(recipe: Recipe, log=None):
+def train_seed(recipe: Recipe, log=None, report=None):
     """Train the seed model on IFT + EFT data; return (model, tokenizer).
+
+    ``log(text)`` gets a line every 100 steps; ``report(step, steps, loss=...)`` every
+    step (the dashboard's "model" row).
 
     1. Build the tokenizer and a fresh tiny Llama (``torch.manual_seed(recipe.seed)``).
     2. Each step draws a batch of IFT or EFT examples (``judge_share`` of steps are EFT),
@@ -220,6 +223,8 @@ def train_seed(recipe: Recipe, log=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if report is not None:
+            report(step + 1, recipe.steps, loss=loss.item())
         if log is not None and (step % 100 == 0 or step == recipe.steps - 1):
             log(f"seed step {step:5d}  loss {loss.item():.4f}  {time.time() - started:.0f}s")
     model.eval()
@@ -233,7 +238,8 @@ def model_dir(cache_dir: str | os.PathLike, recipe: Recipe) -> Path:
     return Path(cache_dir) / f"tinyworld-{recipe.key()}"
 
 
-def build(cache_dir: str | os.PathLike, recipe: Recipe | None = None, log=None) -> str:
+def build(cache_dir: str | os.PathLike, recipe: Recipe | None = None, log=None,
+          progress=None) -> str:
     """Return the folder of the seed model for ``recipe``, training it if not cached.
 
     The folder is written into a temporary sibling and renamed into place, so a killed
@@ -244,7 +250,7 @@ def build(cache_dir: str | os.PathLike, recipe: Recipe | None = None, log=None) 
     if (final / "config.json").is_file():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = train_seed(recipe, log=log)
+    model, tokenizer = train_seed(recipe, log=log, report=progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

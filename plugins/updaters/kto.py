@@ -83,7 +83,7 @@ class KTOUpdater(LoRAUpdater):
         beta: float = Field(0.1, gt=0.0)
         # λ_D and λ_U: raise the rarer label's weight so λ_D n_D / (λ_U n_U) is in [1, 4/3].
         desirable_weight: float = Field(1.0, gt=0.0)
-        undesirable_weight: float = Field(1.0, gt=0.0)
+        undesirable_weight: float = Field(1.0, gt=0.0, description="λ_U, the weight of undesirable examples")
         # Estimate the reference point z0 from mismatched answers (False: z0 = 0, half the cost).
         kl_estimate: bool = True
 
