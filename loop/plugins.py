@@ -42,11 +42,13 @@ BUILTINS = (
     "plugins.selectors.pairs",
     "plugins.selectors.top_k",
     "plugins.selectors.ranked",
+    "plugins.selectors.spin",
     "plugins.updaters.dpo",
     "plugins.updaters.orpo",
     "plugins.updaters.raft",
     "plugins.updaters.ranked",
     "plugins.updaters.kto",
+    "plugins.updaters.grpo",
     "plugins.tinyworld",
 )
 
