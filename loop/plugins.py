@@ -35,6 +35,7 @@ BUILTINS = (
     "plugins.judges.constitutional",
     "plugins.judges.reward_model",
     "plugins.judges.remote",
+    "plugins.judges.trained_rm",
     "plugins.prompts.dataset",
     "plugins.prompts.self_instruct",
     "plugins.prompts.opro",
@@ -49,6 +50,7 @@ BUILTINS = (
     "plugins.updaters.ranked",
     "plugins.updaters.kto",
     "plugins.updaters.grpo",
+    "plugins.updaters.ppo",
     "plugins.tinyworld",
 )
 

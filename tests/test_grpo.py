@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import make_context
 
 import loop
 from plugins.updaters import losses as L
 from plugins.updaters.grpo import GRPOUpdater, group_advantages
-
-from conftest import make_context
 
 
 def test_advantages_by_hand():
@@ -120,8 +119,8 @@ def test_grpo_trains_every_lora_weight_and_the_reward_rises(advantage, aggregati
     assert len(result.steps) == 4  # 8 candidates, mini_batch 8, 4 epochs
     assert result.steps[-1].metrics["grpo/clip_frac"] > 0  # later epochs move past the clip
     # the policy now prefers the rewarded answers: their log-prob rose relative to the rest
-    from plugins.updaters.rl import encode_rows
     from plugins.sequences import sequence_logps
+    from plugins.updaters.rl import encode_rows
 
     rows = sel.selected
     enc = encode_rows(ctx, rows, 1024)
@@ -141,3 +140,24 @@ def test_grpo_trains_every_lora_weight_and_the_reward_rises(advantage, aggregati
 def test_grpo_options_refuse_grad_accum():
     with pytest.raises(ValueError, match="mini_batch"):
         GRPOUpdater.Options(grad_accum=2)
+
+
+def test_ppo_value_loss_falls_on_a_fixed_batch(tiny_policy, tmp_path):
+    from safetensors.torch import load_file
+
+    from plugins.updaters.ppo import VALUE_HEAD, PPOUpdater
+
+    ctx = make_context(tiny_policy, phase="update", run_dir=tmp_path)
+    updater = PPOUpdater(PPOUpdater.Options(
+        learning_rate=3e-3, epochs=8, mini_batch=8, batch_size=8, warmup_ratio=0.0, scheduler="constant",
+        lora_r=4, lora_alpha=8, lora_dropout=0.0, kl_coef=0.05, ema_decay=0.5,
+        value_clip=10.0))  # one round moves values at most value_clip from the old ones
+    result = updater.update(ctx, grpo_selection(), str(tmp_path / "ppo"))
+    values = [s.metrics["ppo/value_loss"] for s in result.steps]
+    assert len(values) == 8 and values[-1] < 0.5 * values[0]
+    assert all(k in result.metrics for k in ("ppo/value_loss", "ppo/kl", "ppo/clip_frac"))
+    assert result.steps[0].metrics["ppo/kl"] == pytest.approx(0.0, abs=1e-4)  # starts at the reference
+    state = load_file(str(tmp_path / "ppo" / "adapter_model.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
+    head = load_file(str(tmp_path / "ppo" / VALUE_HEAD))
+    assert head["weight"].abs().sum() > 0  # the head started at zero and learnt

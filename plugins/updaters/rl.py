@@ -159,3 +159,22 @@ def policy_tokens(model, encoded, index, pad_id, device, value_head=None):
 def token_normaliser(encoded):
     """``train``'s normaliser for token-level aggregation: the step's response tokens."""
     return lambda micro_batches: float(sum(len(encoded[i][1]) for mb in micro_batches for i in mb))
+
+
+def save_head(head: torch.nn.Linear, path: Path) -> None:
+    """A scalar head (value or reward) as safetensors beside its adapter, fsynced."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(path))
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def load_head(path: Path, device="cpu") -> torch.nn.Linear:
+    """A head written by ``save_head``."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    head = torch.nn.Linear(state["weight"].shape[1], 1)
+    head.load_state_dict(state)
+    return head.to(device)
