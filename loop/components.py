@@ -25,7 +25,7 @@ the same judge just wrote): the runner stores referenced records first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -53,6 +53,9 @@ class Prompt:
     meta: dict[str, Any] = field(default_factory=dict)
     id: int | None = None
     round: int | None = None
+    # The reference answer, where the prompt has one (a dataset's `answer` field, a task's
+    # solution): read by the `verify` judge and evaluator, never shown to the policy.
+    answer: str | None = None
 
     def chat(self) -> Chat:
         """The prompt as a chat: an optional system message, then the user message."""
@@ -142,10 +145,28 @@ class Selected:
 
 @dataclass
 class JudgeResult:
+    """What a judge returns.
+
+    ``outputs`` and ``truncated`` count the texts the judge had a model write (gradings,
+    critiques, revisions) and how many of them stopped at ``max_new_tokens``
+    (``finish_reason == "length"``); the runner stores ``judge/<label>/truncated_rate``
+    and checks it against ``[guards] max_truncated_rate``. A judge that writes nothing
+    (a verifier, a reward model, log-prob preferences) leaves both at 0. Count with
+    ``result.count(completions)``.
+    """
+
     judgments: list[Judgment] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)  # new ones (revisions)
     pairs: list[Pair] = field(default_factory=list)  # pairs the judge offers the selector
     metrics: dict[str, float] = field(default_factory=dict)
+    outputs: int = 0  # model-written texts behind this result
+    truncated: int = 0  # ... of which cut at max_new_tokens
+
+    def count(self, completions: Sequence[Completion]) -> None:
+        """Add generator outputs to ``outputs`` / ``truncated``."""
+        for comp in completions:
+            self.outputs += 1
+            self.truncated += comp.finish_reason == "length"
 
 
 @dataclass
@@ -268,6 +289,10 @@ class Generator(Component):
         """Sum of log-probs of each response's tokens given its chat (teacher forcing)."""
         raise NotImplementedError
 
+    def check_model(self, model_path: str, device: str) -> None:
+        """At validation, before the run folder exists: raise ``UserError`` if this
+        generator cannot serve the model folder on ``device`` ("cpu", "cuda", ...)."""
+
     def release(self, ctx: Context) -> None:
         """The updater is about to need the accelerator: free what can be freed (vLLM sleeps)."""
 
@@ -282,6 +307,15 @@ class PromptSource(Component):
         """Return this round's new prompts."""
         raise NotImplementedError
 
+    def split_heldout(self, k: int, seed: int) -> list[Prompt]:
+        """Set ``k`` prompts aside for an evaluator and never propose them.
+
+        Called once per process, before the first ``propose``, with the same ``(k, seed)``
+        on every resume: the answer must be the same each time. Sources that cannot split
+        keep this default (an evaluator then needs its own ``path``).
+        """
+        raise NotImplementedError
+
 
 class PromptOptimiser(Component):
     kind = "prompt_optimiser"
@@ -294,9 +328,22 @@ class PromptOptimiser(Component):
 class Judge(Component):
     kind = "judge"
 
+    def judge_adapter(self, ctx: Context) -> str | None:
+        """The adapter a model-calling judge grades with: the policy's (``ctx.adapter``),
+        or the starting weights (None) when its options say ``adapter = "base"``."""
+        return None if getattr(self.options, "adapter", "policy") == "base" else ctx.adapter
+
     def judge(self, ctx: Context, candidates: list[Candidate]) -> JudgeResult:
         """Score candidates. Unparseable output is a Judgment with ``score=None``."""
         raise NotImplementedError
+
+
+class ModelJudgeOptions(Judge.Options):
+    """Options every judge that runs the policy's model shares (self_reward, constitutional)."""
+
+    # "policy": grade with the current round's adapter (Self-Rewarding); "base": with the
+    # starting weights every round (a frozen judge, not the policy being trained).
+    adapter: Literal["policy", "base"] = "policy"
 
 
 class Selector(Component):
@@ -337,6 +384,16 @@ class Updater(Component):
 
 class Evaluator(Component):
     kind = "evaluator"
+
+    # Held-out prompts the runner gives the evaluator before round 0 (``heldout_request``).
+    heldout: list[Prompt] = []
+
+    def heldout_request(self):
+        """A ``loop.heldout.HeldoutRequest`` (``k`` prompts split off a prompt source, or
+        the evaluator's own prompts from a file), or None: no held-out prompts. Before
+        round 0 the runner puts them in ``self.heldout``, records them in the ``heldout``
+        table and refuses to let any of them reach generation."""
+        return None
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Metrics (``group/name`` keys) for the policy ``ctx.adapter`` after this round."""

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loop.errors import ConfigError
+from loop.guards import GuardsConfig
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -58,6 +59,10 @@ class JudgeSpec(ComponentSpec):
     label: str | None = Field(None, pattern=NAME_RE)  # tells two judges of one kind apart
 
 
+class EvaluatorSpec(ComponentSpec):
+    label: str | None = Field(None, pattern=NAME_RE)  # names its metrics: eval/<label>/...
+
+
 class ModelConfig(Strict):
     path: str | None = None  # a Hugging Face model folder or a hub name already in the cache
     build: ComponentSpec | None = None  # or a model builder plugin, e.g. {name = "tinyworld"}
@@ -65,6 +70,9 @@ class ModelConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     trust_remote_code: bool = False  # run code shipped with the model; off unless you trust it
     threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default)
+    # A chat template for a model folder without one: a .jinja file (relative to this
+    # config) or the template itself; saved in the run's config as the template text.
+    chat_template: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -101,8 +109,9 @@ class RunConfig(Strict):
     judges: list[JudgeSpec] = Field(min_length=1)
     selector: ComponentSpec = ComponentSpec(name="pairs")
     updater: ComponentSpec
-    evaluators: list[ComponentSpec] = []
+    evaluators: list[EvaluatorSpec] = []
     judge_quality: JudgeQualityConfig = JudgeQualityConfig()  # length-bias warnings
+    guards: GuardsConfig = GuardsConfig()  # fail a phase loudly instead of learning nothing
 
     # Where the config came from (not part of the file).
     source_file: str | None = Field(None, exclude=True)
@@ -117,6 +126,15 @@ class RunConfig(Strict):
                 raise ValueError(
                     f"judges[{i}]: two judges are labelled {label!r}; give each a distinct "
                     "`label`"
+                )
+            seen.add(label)
+        seen = set()
+        for i, e in enumerate(self.evaluators):
+            label = e.label or e.name
+            if label in seen:
+                raise ValueError(
+                    f"evaluators[{i}]: two evaluators are labelled {label!r}; give each a "
+                    "distinct `label`"
                 )
             seen.add(label)
         return self

@@ -214,3 +214,29 @@ def m002_instructions(db):
         )"""
     )
     db.execute("create index idx_instructions_round on instructions(round)")
+
+
+@migrations()
+def m003_answers_heldout(db):
+    # Why: prompts may carry a reference answer (a dataset's `answer` field) that the
+    # `verify` judge and evaluator check answers against; and evaluators measure held-out
+    # prompts that must never reach training. `heldout` records which prompts each
+    # evaluator holds out, from which source, so the split is the same after a resume
+    # and the runner can refuse a held-out prompt that reaches generation.
+    db.execute("alter table prompts add column answer text")
+    db.execute(
+        """
+        create table heldout (
+            id integer primary key,
+            evaluator text not null,       -- the evaluator's config label
+            position integer not null,     -- 0, 1, ... within the evaluator's set
+            source text not null,          -- the prompt source label or the prompts file
+            split text not null,           -- heldout (split off a source) | file (its own path)
+            text text not null,            -- the user message
+            system text,                   -- a system instruction of its own, if any
+            answer text,                   -- the reference answer, if any
+            key text,                      -- the row's identity in its source (file:line), if any
+            meta text                      -- JSON
+        )"""
+    )
+    db.execute("create index idx_heldout_evaluator on heldout(evaluator)")

@@ -35,6 +35,7 @@ BUILTINS = (
     "plugins.judges.constitutional",
     "plugins.judges.reward_model",
     "plugins.judges.remote",
+    "plugins.judges.verify",
     "plugins.judges.trained_rm",
     "plugins.prompts.dataset",
     "plugins.prompts.self_instruct",
@@ -51,6 +52,8 @@ BUILTINS = (
     "plugins.updaters.kto",
     "plugins.updaters.grpo",
     "plugins.updaters.ppo",
+    "plugins.evaluators.verify",
+    "plugins.evaluators.winrate",
     "plugins.tinyworld",
 )
 

@@ -50,12 +50,14 @@ class Policy:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         threads: int | None = None,
+        chat_template: str | None = None,
     ):
         self.model_path = str(model_path)
         self.device = resolve_device(device)
         self.dtype_name = dtype
         self.trust_remote_code = trust_remote_code
         self.threads = threads
+        self.chat_template = chat_template  # replaces the tokenizer's own, if given
         self._tokenizer = None
         self._base = None  # the transformers model (LoRA layers injected once a PeftModel exists)
         self._peft = None  # peft.PeftModel wrapping _base, once an adapter is used
@@ -79,6 +81,8 @@ class Policy:
                 ) from e
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
+            if self.chat_template:
+                tok.chat_template = self.chat_template
             if not getattr(tok, "chat_template", None):
                 raise UserError(
                     f"model.path: the tokenizer of {self.model_path!r} has no chat template; "

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from loop import components as c
-from loop import judge_quality, plugins
+from loop import guards, heldout, judge_quality, plugins
 from loop.config import RunConfig
 from loop.context import Context
 from loop.errors import PhaseFailed, SelfloopError, UserError
@@ -89,6 +89,7 @@ class Runner:
         self._stop_requested = False
         self._progress_interval = progress_interval
         self._last_progress_write = 0.0
+        self._heldout = heldout.Index()
 
     # -- the policy shared by the transformers generator and PEFT updaters --------
 
@@ -98,7 +99,8 @@ class Runner:
 
             m = self.config.model
             self._policy = Policy(self.model_path, device=m.device, dtype=m.dtype,
-                                  trust_remote_code=m.trust_remote_code, threads=m.threads)
+                                  trust_remote_code=m.trust_remote_code, threads=m.threads,
+                                  chat_template=m.chat_template)
         return self._policy
 
     # -- signals -----------------------------------------------------------------
@@ -132,6 +134,7 @@ class Runner:
                 self._emit(None, None, "info", f"resumed (pid {os.getpid()})")
             status = "failed"
             try:
+                self._heldout = heldout.prepare(self.store, self.comps, self.config.seed)
                 for r in range(0, self.config.rounds + 1):
                     self._round(r)
                 status = "completed"
@@ -342,6 +345,7 @@ class Runner:
 
     def _do_generate(self, ctx: Context) -> Callable:
         prompts = self.store.load_prompts(ctx.round)
+        heldout.refuse_leaks(prompts, self._heldout, ctx.round)
         g = self.config.generate
         chats = []
         for p in prompts:
@@ -390,10 +394,15 @@ class Runner:
         new_cands: list[c.Candidate] = []
         offered: list[c.Pair] = []
         metrics: dict[str, float] = {}
-        for judge in self.comps.judges:
+        for index, judge in enumerate(self.comps.judges):
             res = self._call(judge, "judge", ctx, cands + new_cands)
             for j in res.judgments:
                 j.judge = judge.label
+            if res.outputs:
+                metrics[f"judge/{judge.label}/truncated_rate"] = res.truncated / res.outputs
+            guards.check_judge(self.config.guards, field=f"judges[{index}]", judge=judge, judgments=res.judgments,
+                               outputs=res.outputs, truncated=res.truncated, round=ctx.round,
+                               run_dir=self.run_dir)
             judgments.extend(res.judgments)
             new_cands.extend(res.candidates)
             for p in res.pairs:
@@ -451,9 +460,13 @@ class Runner:
         ]
         scores = self.combined_scores(ctx.round)
         sel = self._call(self.comps.selector, "select", ctx, cands, scores, offered)
+        guards.check_selection(self.config.guards, selector=self.comps.selector, examples=len(sel),
+                               candidates=len(cands), scored=len(scores), round=ctx.round,
+                               run_dir=self.run_dir)
         metrics = dict(sel.metrics)
         metrics.setdefault("select/pairs", len(sel.pairs))
         metrics.setdefault("select/selected", len(sel.selected))
+        metrics["select/examples"] = len(sel)
         if sel.pairs:
             chosen = [p.chosen.num_tokens or 0 for p in sel.pairs]
             rejected = [p.rejected.num_tokens or 0 for p in sel.pairs]

@@ -75,7 +75,8 @@ def build_components(config: RunConfig) -> Components:
         selector=build("selector", config.selector, "selector", file),
         updater=build("updater", config.updater, "updater", file),
         evaluators=[
-            build("evaluator", s, f"evaluators[{i}]", file) for i, s in enumerate(config.evaluators)
+            build("evaluator", s, f"evaluators[{i}]", file, label=s.label or s.name)
+            for i, s in enumerate(config.evaluators)
         ],
         model_builder=(
             build("model_builder", config.model.build, "model.build", file)
@@ -86,7 +87,19 @@ def build_components(config: RunConfig) -> Components:
 
 
 def resolve_model_path(config: RunConfig, comps: Components) -> str:
-    """The base model folder: a local folder, a cached hub snapshot, or a builder's output."""
+    """The base model folder: a local folder, a cached hub snapshot, or a builder's output;
+    checked (loop/model_check.py) before anything is written."""
+    path = _find_model(config, comps)
+    from loop.model_check import check_model_folder
+    from loop.policy import resolve_device
+
+    check_model_folder(path, config, comps.generator, resolve_device(config.model.device))
+    return path
+
+
+def _find_model(config: RunConfig, comps: Components) -> str:
+    from loop.model_check import looks_like_hub_id
+
     if comps.model_builder is not None:
         cache = Path(config.runs_dir).resolve() / ".cache"
         cache.mkdir(parents=True, exist_ok=True)
@@ -105,6 +118,12 @@ def resolve_model_path(config: RunConfig, comps: Components) -> str:
         return str(p.resolve())
     if p.exists():
         raise ConfigError(f"{raw!r} is a file; give a model folder", file=config.source_file, field="model.path")
+    if not looks_like_hub_id(raw):
+        raise ConfigError(
+            f"folder {raw!r} not found (looked at {p.resolve()}); fix the path (relative paths "
+            "are taken from the config file's folder or the current one)",
+            file=config.source_file, field="model.path",
+        )
     # A hub name: only a copy already in the local cache (runs never download).
     try:
         from huggingface_hub import snapshot_download
@@ -128,6 +147,11 @@ def prepare(config_path: str | None, overrides: list[str] = (), data: dict | Non
     config.plugins = [str((config.source_dir / p).resolve()) if not Path(p).is_absolute() else p
                       for p in config.plugins]
     comps = build_components(config)
+    from loop import heldout
+    from loop.model_check import resolve_chat_template
+
+    heldout.validate(config, comps)
+    resolve_chat_template(config)
     return config, comps
 
 
@@ -137,7 +161,7 @@ def resolved_config(config: RunConfig, comps: Components) -> dict:
 
     def full(spec: dict, comp: c.Component) -> dict:
         out = {"name": spec["name"]}
-        for k in ("weight", "label"):
+        for k in ("weight", "label"):  # (judges' weight and label; evaluators' label)
             if k in spec:
                 out[k] = spec[k]
         out.update(comp.options.model_dump(mode="json"))

@@ -219,6 +219,7 @@ class Store:
                 "kind": p.kind,
                 "parent_id": p.parent.id if p.parent else None,
                 "meta": _json(p.meta),
+                "answer": p.answer,
             }
         ).last_pk
         return p.id
@@ -336,7 +337,22 @@ class Store:
                 pk=("round", "name"),
             )
 
+    def insert_heldout(self, db, evaluator: str, split: str, source: str,
+                       prompts: list[c.Prompt]) -> None:
+        for i, p in enumerate(prompts):
+            db["heldout"].insert({
+                "evaluator": evaluator, "position": i, "source": source, "split": split,
+                "text": p.text, "system": p.system, "answer": p.answer,
+                "key": p.meta.get("key"), "meta": _json(p.meta),
+            })
+
     # -- reads (typed rows as dicts) -----------------------------------------------
+
+    def heldout(self, evaluator: str | None = None) -> list[dict]:
+        """Held-out prompt rows (of one evaluator, or all), in order."""
+        if evaluator is None:
+            return self.rows("select * from heldout order by evaluator, position")
+        return self.rows("select * from heldout where evaluator = ? order by position", [evaluator])
 
     def rows(self, sql: str, params=()) -> list[dict]:
         return list(self.db.query(sql, params))
@@ -396,6 +412,7 @@ class Store:
                 meta=json.loads(r["meta"]) if r["meta"] else {},
                 id=r["id"],
                 round=r["round"],
+                answer=r.get("answer"),
             )
         prompts = list(by_id.values())
         if generate_only:

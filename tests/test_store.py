@@ -78,46 +78,44 @@ def test_wal_and_foreign_keys(store, tmp_path):
     other.close()
 
 
+# Every numbered migration the module defines, in order.
+ALL = sorted(n for n in vars(mig) if re.match(r"m\d{3}_", n))
+
+
 def test_migrations_are_recorded_and_idempotent(store, tmp_path):
     applied = [m.name for m in mig.migrations.applied(store.db)]
-    assert applied == ["m001_initial", "m002_instructions"]
+    assert applied == ALL and ALL[:3] == ["m001_initial", "m002_instructions", "m003_answers_heldout"]
     schema = sorted(store.conn.execute("select name, sql from sqlite_master").fetchall(), key=str)
     mig.migrations.apply(store.db)  # again: nothing pending, nothing changes
     assert mig.migrations.pending(store.db) == []
     assert sorted(store.conn.execute("select name, sql from sqlite_master").fetchall(), key=str) == schema
-    assert store.rows("select count(*) n from _sqlite_migrations")[0]["n"] == 2
+    assert store.rows("select count(*) n from _sqlite_migrations")[0]["n"] == len(ALL)
     store.close()
     again = Store.open(tmp_path / "run.db")  # re-opening an existing run: a no-op
-    assert [m.name for m in mig.migrations.applied(again.db)] == ["m001_initial", "m002_instructions"]
+    assert [m.name for m in mig.migrations.applied(again.db)] == ALL
     again.close()
 
 
 def test_upgrade_from_an_older_schema(tmp_path):
-    """A database made before a (hypothetical) m003 is upgraded in place, data kept."""
+    """A database of the m001 + m002 release is upgraded in place by every later
+    migration (m003: prompts.answer, heldout), its data kept."""
     path = tmp_path / "old.db"
-    old = Store.open(path)  # the schema as released: m001 and m002
-    with old.transaction() as db:
-        db["rounds"].insert({"round": 0, "status": "done"})
-        db["metrics"].insert({"round": 0, "name": "eval/accuracy", "value": 0.5})
-    old.close()
-
-    newer = Migrations("selfloop")
-    newer()(mig.m001_initial)
-    newer()(mig.m002_instructions)
-
-    @newer()
-    def m003_metric_units(db):
-        # Why: a hypothetical later release records each metric's unit.
-        db["metrics"].add_column("unit", str)
-
+    older = Migrations("selfloop")
+    older()(mig.m001_initial)
+    older()(mig.m002_instructions)
     db = sqlite_utils.Database(path)
-    assert [m.name for m in newer.pending(db)] == ["m003_metric_units"]
-    newer.apply(db)
-    assert [m.name for m in newer.applied(db)] == ["m001_initial", "m002_instructions", "m003_metric_units"]
-    assert "unit" in db["metrics"].columns_dict
+    older.apply(db)
+    db["rounds"].insert({"round": 0, "status": "done"})
+    db["metrics"].insert({"round": 0, "name": "eval/accuracy", "value": 0.5})
+    db["prompts"].insert({"round": 0, "text": "q", "source": "s", "kind": "original"})
+    assert [m.name for m in mig.migrations.pending(db)] == ALL[2:]
+    mig.migrations.apply(db)
+    assert [m.name for m in mig.migrations.applied(db)] == ALL
+    assert "answer" in db["prompts"].columns_dict and "heldout" in db.table_names()
     assert list(db.query("select name, value from metrics")) == [{"name": "eval/accuracy", "value": 0.5}]
-    newer.apply(db)  # idempotent
-    assert len(newer.applied(db)) == 3
+    assert list(db.query("select text, answer from prompts")) == [{"text": "q", "answer": None}]
+    mig.migrations.apply(db)  # idempotent
+    assert len(mig.migrations.applied(db)) == len(ALL)
     db.close()
 
 
@@ -192,7 +190,7 @@ def test_m001_database_gains_the_instructions_table(tmp_path):
     db.close()
     store = Store.open(path)
     try:
-        assert [m.name for m in mig.migrations.applied(store.db)] == ["m001_initial", "m002_instructions"]
+        assert [m.name for m in mig.migrations.applied(store.db)] == ALL
         assert "instructions" in actual_tables(store.conn)
         assert store.rows("select round from rounds") == [{"round": 0}]
     finally:

@@ -250,6 +250,10 @@ class VLLMGenerator(loop.Generator):
                 del os.environ["VLLM_LOGGING_CONFIG_PATH"]
             self._log_config = None
 
+    def check_model(self, model_path: str, device: str) -> None:
+        """vLLM's CPU attention takes a fixed set of head sizes: refused at validation."""
+        _check_head_dim(model_path, device)
+
     # -- sharing the accelerator with the updater -----------------------------------------
 
     def release(self, ctx) -> None:
@@ -477,7 +481,7 @@ def _mtime(path: str | None) -> float | None:
     return max(f.stat().st_mtime_ns for f in Path(path).iterdir())
 
 
-def _check_head_dim(model_path: str, device: str) -> None:
+def _check_head_dim(model_path: str, device: str) -> None:  # (also VLLMGenerator.check_model)
     """vLLM's CPU attention supports a fixed set of head sizes; say so before vLLM does."""
     if device != "cpu":
         return

@@ -100,7 +100,7 @@ def load_constitution(path: Path) -> Constitution:
         ) from None
 
 
-class _ConstitutionOptions(loop.Judge.Options):
+class _ConstitutionOptions(loop.ModelJudgeOptions):
     # A .toml in prompts/ (without .toml) or a path to one, relative to the config file.
     constitution: str = "constitution"
     # Only these principles (by name); empty: all of them.
@@ -183,6 +183,7 @@ class ConstitutionalJudge(loop.Judge):
         principles = opts.load(ctx.config.source_dir)
         critique_t, revision_t = self._templates(ctx)
         originals = _to_revise(candidates, opts.per_prompt)
+        result = loop.JudgeResult()  # counts the critiques and revisions written
         rng = ctx.rng(self.label, "principles")
         # chain[i]: the passes so far of originals[i]; text[i]: the text the next pass revises.
         chains: list[list[dict]] = [[] for _ in originals]
@@ -195,12 +196,12 @@ class ConstitutionalJudge(loop.Judge):
             critiques = self._ask(ctx, [
                 critique_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
                                   request=chosen[i].critique) for i in live
-            ], opts.critique_max_new_tokens, ("critique", step))
+            ], opts.critique_max_new_tokens, ("critique", step), result)
             revisions = self._ask(ctx, [
                 revision_t.render(prompt=quote(originals[i].prompt.text), response=quote(text[i]),
                                   critique=quote(crit.text.strip()), request=chosen[i].revision)
                 for i, crit in zip(live, critiques)
-            ], opts.revision_max_new_tokens, ("revision", step))
+            ], opts.revision_max_new_tokens, ("revision", step), result)
             still = []
             for i, crit, rev in zip(live, critiques, revisions):
                 new = rev.text.strip()
@@ -243,14 +244,18 @@ class ConstitutionalJudge(loop.Judge):
         if new_cands:
             metrics["cai/length_ratio"] = _mean(
                 [len(r.text) / max(len(r.parent.text), 1) for r in new_cands])
-        return loop.JudgeResult(candidates=new_cands, pairs=pairs, metrics=metrics)
+        result.candidates, result.pairs, result.metrics = new_cands, pairs, metrics
+        return result
 
-    def _ask(self, ctx, messages: list[str], max_new_tokens: int, seed_labels) -> list[loop.Completion]:
+    def _ask(self, ctx, messages: list[str], max_new_tokens: int, seed_labels,
+             result: loop.JudgeResult) -> list[loop.Completion]:
         chats = [[{"role": "user", "content": m}] for m in messages]
         sampling = loop.Sampling(n=1, temperature=self.options.temperature,
                                  max_new_tokens=max_new_tokens,
                                  seed=ctx.derive_seed(self.label, *seed_labels))
-        out = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter, progress=False)
+        out = ctx.generator.generate(ctx, chats, sampling, adapter=self.judge_adapter(ctx),
+                                     progress=False)
+        result.count([group[0] for group in out])
         return [group[0] for group in out]
 
 
@@ -357,7 +362,7 @@ class ConstitutionalPreferenceJudge(loop.Judge):
         for start in range(0, len(chats), opts.batch_size):
             lps.extend(ctx.generator.logprobs(ctx, chats[start:start + opts.batch_size],
                                               responses[start:start + opts.batch_size],
-                                              adapter=ctx.adapter))
+                                              adapter=self.judge_adapter(ctx)))
             ctx.progress(min(start + opts.batch_size, len(chats)), len(chats))
         wins: dict[int, list[tuple[float, dict]]] = {}
         biases, agree = [], []

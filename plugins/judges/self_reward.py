@@ -62,7 +62,7 @@ class SelfRewardJudge(loop.Judge):
 
     name = "self_reward"
 
-    class Options(loop.Judge.Options):
+    class Options(loop.ModelJudgeOptions):
         # A name in prompts/ (without .j2) or a path to a .j2 file using {prompt, response}.
         template: str = "self_reward"
         # Judge samples per candidate: the paper averages 3 to reduce the judge's variance.
@@ -99,6 +99,7 @@ class SelfRewardJudge(loop.Judge):
         opts = self.options
         template = self._load_template(ctx)
         judgments: list[loop.Judgment] = []
+        result = loop.JudgeResult(judgments=judgments)
         for index, start in enumerate(range(0, len(candidates), opts.batch_size)):
             chunk = candidates[start : start + opts.batch_size]
             chats = [_judge_chat(template, c) for c in chunk]
@@ -110,9 +111,10 @@ class SelfRewardJudge(loop.Judge):
                 seed=ctx.derive_seed(self.label, index),
             )
             outputs = ctx.generator.generate(
-                ctx, chats, sampling, adapter=ctx.adapter, progress=False
+                ctx, chats, sampling, adapter=self.judge_adapter(ctx), progress=False
             )
             for candidate, completions in zip(chunk, outputs):
+                result.count(completions)
                 for i, completion in enumerate(completions):
                     score = parse_score(completion.text, opts.min_score, opts.max_score)
                     judgments.append(
@@ -126,7 +128,8 @@ class SelfRewardJudge(loop.Judge):
                         )
                     )
             ctx.progress(start + len(chunk), len(candidates))
-        return loop.JudgeResult(judgments=judgments, metrics=_metrics(judgments))
+        result.metrics = _metrics(judgments)
+        return result
 
 
 def _judge_chat(template, candidate: loop.Candidate) -> loop.Chat:

@@ -4,6 +4,7 @@
     name = "dataset"
     path = "prompts.jsonl"   # JSONL: one object per line, the prompt under `field`
     field = "prompt"          # or a .txt file: one prompt per line
+    answer_field = "answer"   # a reference answer, if the rows have one (for `verify`)
     per_round = 64
 
 The file is read and checked when the config is validated (before any run folder
@@ -24,8 +25,12 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 import loop
 
 
-def read_prompts(path: Path, field: str, system_field: str | None) -> list[tuple[str, str | None]]:
-    """(prompt, system) per line; ValueError naming the line for anything malformed."""
+def read_prompts(path: Path, field: str, system_field: str | None,
+                 answer_field: str | None = None) -> list[tuple[str, str | None, str | None]]:
+    """(prompt, system, answer) per line; ValueError naming the line for anything malformed.
+
+    A reference answer may be a string or a number (kept as its text); a row without
+    ``answer_field`` has None."""
     out = []
     jsonl = path.suffix in (".jsonl", ".json")
     with open(path, encoding="utf-8") as fh:
@@ -34,7 +39,7 @@ def read_prompts(path: Path, field: str, system_field: str | None) -> list[tuple
             if not line:
                 continue
             if not jsonl:
-                out.append((line, None))
+                out.append((line, None, None))
                 continue
             try:
                 row = json.loads(line)
@@ -46,7 +51,14 @@ def read_prompts(path: Path, field: str, system_field: str | None) -> list[tuple
                     "that holds the prompt"
                 )
             system = row.get(system_field) if system_field else None
-            out.append((row[field], system if isinstance(system, str) else None))
+            answer = row.get(answer_field) if answer_field else None
+            if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+                raise ValueError(
+                    f"{path}: line {number}: {answer_field!r} must be a string or a number, "
+                    f"got {type(answer).__name__}; write the reference answer as text"
+                )
+            out.append((row[field], system if isinstance(system, str) else None,
+                        None if answer is None else str(answer)))
     if not out:
         raise ValueError(f"{path}: no prompts in the file")
     return out
@@ -59,6 +71,7 @@ class DatasetPrompts(loop.PromptSource):
         path: str  # a .jsonl file (one object per line) or a text file (one prompt per line)
         field: str = "prompt"  # the JSONL key holding the prompt text
         system_field: str | None = None  # an optional JSONL key holding a system prompt
+        answer_field: str | None = "answer"  # JSONL key of a reference answer (verify), if any
         per_round: int = Field(64, ge=1)  # prompts each round adds
         shuffle: bool = True  # False: take the file in order
 
@@ -75,32 +88,58 @@ class DatasetPrompts(loop.PromptSource):
 
         @model_validator(mode="after")
         def _readable(self):
-            read_prompts(Path(self.path), self.field, self.system_field)
+            read_prompts(Path(self.path), self.field, self.system_field, self.answer_field)
             return self
 
+    def _read(self) -> None:
+        if getattr(self, "_rows", None) is None:
+            o = self.options
+            self._rows = read_prompts(Path(o.path), o.field, o.system_field, o.answer_field)
+            self._orders: dict[int, list[int]] = {}
+            self._held: set[int] = set()
+
     def setup(self, ctx) -> None:
-        self._rows = read_prompts(Path(self.options.path), self.options.field, self.options.system_field)
-        self._orders: dict[int, list[int]] = {}
+        self._read()
+
+    def split_heldout(self, k: int, seed: int) -> list[loop.Prompt]:
+        """``k`` rows chosen by a seeded shuffle, never proposed afterwards."""
+        self._read()
+        if k >= len(self._rows):
+            raise loop.UserError(
+                f"{self.options.path}: heldout = {k} would hold out all {len(self._rows)} prompts "
+                "of the file; hold out fewer, or give the evaluator its own `path`"
+            )
+        order = list(range(len(self._rows)))
+        random.Random(f"{seed}:dataset:heldout").shuffle(order)
+        self._held = set(order[:k])
+        self._orders = {}
+        return [self._prompt(i) for i in sorted(self._held)]
+
+    def _prompt(self, index: int, **meta) -> loop.Prompt:
+        text, system, answer = self._rows[index]
+        return loop.Prompt(text=text, system=system, source=self.label, answer=answer,
+                           meta={"line_index": index, **meta,
+                                 "key": f"{self.options.path}:{index + 1}"})
 
     def _order(self, seed: int, epoch: int) -> list[int]:
-        """The file's order in pass ``epoch``: a seeded shuffle, the same on every resume."""
+        """The file's order in pass ``epoch``: a seeded shuffle, the same on every resume.
+        Rows held out for an evaluator are left out."""
         if epoch not in self._orders:
-            order = list(range(len(self._rows)))
+            order = [i for i in range(len(self._rows)) if i not in self._held]
             if self.options.shuffle:
                 random.Random(f"{seed}:dataset:{epoch}").shuffle(order)
             self._orders[epoch] = order
         return self._orders[epoch]
 
     def propose(self, ctx) -> list[loop.Prompt]:
-        n, k = len(self._rows), self.options.per_round
+        self._read()
+        n, k = len(self._rows) - len(self._held), self.options.per_round
         start = (ctx.round - 1) * k  # rounds are numbered from 1
         prompts = []
         for i in range(start, start + k):
             epoch, pos = divmod(i, n)
             index = self._order(ctx.config.seed, epoch)[pos]
-            text, system = self._rows[index]
-            prompts.append(loop.Prompt(text=text, system=system, source=self.label,
-                                       meta={"line_index": index, "epoch": epoch}))
+            prompts.append(self._prompt(index, epoch=epoch))
         return prompts
 
 

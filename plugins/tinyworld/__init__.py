@@ -5,7 +5,9 @@ answer and judge (Self-Rewarding Language Models, Yuan et al. 2024, in miniature
 registers three components, all named ``tinyworld``:
 
 - model builder: builds (or reuses) the seed model folder; options are ``Recipe`` fields;
-- prompt source: ``per_round`` prompts from the train split, drawn with ``ctx.rng()``;
+- prompt source: ``per_round`` prompts from the train split, drawn with ``ctx.rng()``, each
+  with its reference answer (``Prompt.answer``, for the ``verify`` judge and evaluator);
+  ``split_heldout`` gives the evaluator's fixed held-out split (disjoint by construction);
 - evaluator: greedy accuracy on a fixed held-out split, checked by the verifier, which the
   loop itself never sees; plus answer length and the judges' agreement with the verifier.
 
@@ -43,16 +45,24 @@ class TinyworldPrompts(loop.PromptSource):
 
     class Options(loop.PromptSource.Options):
         per_round: int = 64  # prompts added each round
+        # Which held-out prompts an evaluator's `heldout = K` gets: the same seed as the
+        # tinyworld evaluator's `heldout_seed`, so both measure the same prompts.
+        heldout_seed: int = 1234
 
     def propose(self, ctx) -> list[loop.Prompt]:
         rng = ctx.rng("tinyworld")
         prompts = []
         for _ in range(self.options.per_round):
             text, info = task.make_prompt(rng, "train")
-            prompts.append(
-                loop.Prompt(text=text, source="tinyworld", meta={"letters": list(info.letters)})
-            )
+            prompts.append(loop.Prompt(text=text, source="tinyworld", answer=info.answer,
+                                       meta={"letters": list(info.letters)}))
         return prompts
+
+    def split_heldout(self, k: int, seed: int) -> list[loop.Prompt]:
+        """The task's held-out split (never drawn by ``propose``, whatever the seed)."""
+        return [loop.Prompt(text=text, source="tinyworld", answer=info.answer,
+                            meta={"letters": list(info.letters)})
+                for text, info in task.heldout_set(k, seed=self.options.heldout_seed)]
 
 
 class TinyworldEvaluator(loop.Evaluator):
