@@ -25,8 +25,11 @@ import loop
 
 
 def reference_answer(prompt: loop.Prompt) -> str | None:
-    """The answer a prompt carries (the dataset's ``answer`` field), or None."""
-    answer = (prompt.meta or {}).get("answer")
+    """The answer a prompt carries (``Prompt.answer``: the dataset's ``answer`` field, the
+    tiny world's solution; a rewrite asks its original's question), or None."""
+    from plugins.judges.verify import reference
+
+    answer = reference(prompt)
     return answer if isinstance(answer, str) and answer.strip() else None
 
 
