@@ -2,11 +2,11 @@
 tests/world_runs.py, shared through the session's runs folder):
 
 - configs/grpo_demo.toml, the verifier as reward: held-out accuracy gains >= 15 points;
-- the ``trained_rm`` judge learns from verifier-labelled pairs of round 1 and ranks
-  held-out pairs in round 2 (rm/accuracy >= 0.8); killed during its training and
-  resumed, it ends with the same reward-model adapter as an uninterrupted run;
-- configs/rlaif_demo.toml and configs/rlhf_demo.toml complete two rounds with the RM's
-  and PPO's figures stored.
+- configs/rlhf_demo.toml: the ``trained_rm`` judge learns from verifier-labelled pairs
+  of round 1 and ranks held-out pairs in round 2 (rm/accuracy >= 0.8), PPO's figures
+  are stored for both rounds; killed during the reward model's training and resumed,
+  the run ends with the same reward-model adapter as an uninterrupted one;
+- configs/rlaif_demo.toml completes two rounds with the RM's figures stored.
 """
 
 from __future__ import annotations
@@ -50,10 +50,7 @@ def test_grpo_demo_gains_with_the_verifier_as_reward(world_runs_dir):
     assert 0 < metric(d, 1, "grpo/clip_frac") < 1
 
 
-RM = ["--set", "rounds=2", "--set", "prompts.0.per_round=48", "--set", "generate.n=4",
-      "--set", "evaluators=[]", "--set", "updater.epochs=1",
-      "--set", 'judges=[{name="verify"}, {name="trained_rm", from_judges=["verify"], heldout=0.25, '
-               'train={epochs=4, learning_rate=2e-3, batch_size=16}}]']
+RLHF = ["--set", "evaluators=[]", "--set", "updater.epochs=1"]
 
 
 def rm_training(run_dir) -> bool:
@@ -67,8 +64,12 @@ def rm_training(run_dir) -> bool:
     return bool(rows) and rows[0]["status"] == "running" and (rows[0]["done"] or 0) >= 1
 
 
-def test_trained_rm_learns_verifier_pairs_and_resumes_to_the_same_adapter(world_runs_dir):
-    whole = run(world_runs_dir, "configs/grpo_demo.toml", "rm-whole", *RM)
+def test_rlhf_demo_trained_rm_learns_verifier_pairs_and_resumes_to_the_same_adapter(world_runs_dir):
+    """configs/rlhf_demo.toml: round 1 PPO on the verifier's scores, round 2 the reward
+    model trained on round 1's verifier-ranked pairs; then the same run killed during
+    the reward model's training and resumed."""
+    whole = run(world_runs_dir, "configs/rlhf_demo.toml", "rm-whole", *RLHF)
+    assert q(whole / "run.db", "select status from runs")[0]["status"] == "completed"
     assert metric(whole, 1, "rm/train_pairs") == 0  # round 1: no earlier pairs, it abstains
     assert metric(whole, 2, "rm/train_pairs") >= 8
     assert metric(whole, 2, "rm/heldout_pairs") >= 4
@@ -76,9 +77,13 @@ def test_trained_rm_learns_verifier_pairs_and_resumes_to_the_same_adapter(world_
     assert metric(whole, 2, "rm/loss") is not None
     scored = q(whole / "run.db", "select count(*) as n from judgments where round = 2 and judge = 'trained_rm'")
     assert scored[0]["n"] == 48 * 4
+    for r in (1, 2):
+        for key in ("ppo/value_loss", "ppo/kl", "ppo/clip_frac"):
+            assert metric(whole, r, key) is not None, (r, key)
+        assert (whole / "adapters" / f"round-{r}" / "value_head.safetensors").is_file()
 
     killed = world_runs_dir / "rm-killed"
-    proc = subprocess.Popen(command(world_runs_dir, "configs/grpo_demo.toml", "rm-killed", *RM), cwd=ROOT,
+    proc = subprocess.Popen(command(world_runs_dir, "configs/rlhf_demo.toml", "rm-killed", *RLHF), cwd=ROOT,
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 1500
@@ -98,3 +103,13 @@ def test_trained_rm_learns_verifier_pairs_and_resumes_to_the_same_adapter(world_
         a, b = (load_file(str(d / "adapters" / "rm-round-2" / f)) for d in (whole, killed))
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), f
     assert metric(killed, 2, "rm/accuracy") == metric(whole, 2, "rm/accuracy")
+
+
+def test_rlaif_demo_completes_two_rounds(world_runs_dir):
+    d = run(world_runs_dir, "configs/rlaif_demo.toml", "rlaif", "--set", "evaluators=[]",
+            "--set", "prompts.0.per_round=16", "--set", "judges.0.comparisons=2")
+    assert q(d / "run.db", "select status from runs")[0]["status"] == "completed"
+    for key in ("rm/accuracy", "rm/loss", "rm/train_pairs", "grpo/clip_frac"):
+        assert metric(d, 2, key) is not None, key
+    assert (d / "adapters" / "rm-round-2" / "reward_head.safetensors").is_file()
+    assert (d / "adapters" / "round-2" / "adapter_model.safetensors").is_file()
