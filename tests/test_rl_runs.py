@@ -113,3 +113,15 @@ def test_rlaif_demo_completes_two_rounds(world_runs_dir):
         assert metric(d, 2, key) is not None, key
     assert (d / "adapters" / "rm-round-2" / "reward_head.safetensors").is_file()
     assert (d / "adapters" / "round-2" / "adapter_model.safetensors").is_file()
+
+
+def test_spin_with_dpo_runs_two_rounds(world_runs_dir):
+    from world_runs import check_two_rounds, run_world
+
+    d = run_world(world_runs_dir, "spin", 'name="spin"', 'name="dpo"')
+    db = check_two_rounds(d, "rewards/margin")
+    rows = q(db, "select p.source, c.source as chosen_source, c.text, pr.answer from pairs p "
+                 "join candidates c on c.id = p.chosen_id join prompts pr on pr.id = p.prompt_id "
+                 "where p.selected = 1")
+    assert rows and all(r["source"] == "spin" and r["chosen_source"] == "reference" and r["text"] == r["answer"]
+                        for r in rows)
