@@ -83,7 +83,9 @@ def packed_batch(
     dtype, for eager attention), ``keep`` [K] the columns whose logits are needed, and
     per scored token (every response token but one without a token before it):
     ``row`` and ``col`` (index into ``keep``) of the logit predicting it, its
-    ``target`` id and ``seq``, the index of its sequence in the input order.
+    ``target`` id and ``seq``, the index of its sequence in the input order; per
+    sequence, ``last_row`` and ``last_col``: where its last token sits (a reward or value
+    head reads the hidden state there).
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prompts):
@@ -112,6 +114,7 @@ def packed_batch(
     block = torch.arange(width).repeat(len(rows), 1) + len(prompts) + len(groups)
     parent = torch.full((len(rows), width), -1, dtype=torch.long)
     row_of, col_of, target, seq = [], [], [], []
+    last = [(0, 0)] * len(prompts)  # (row, column) of each sequence's last token
     blocks = iter(range(len(prompts) + len(groups)))
     for r, members_of_row in enumerate(rows):
         at = 0
@@ -137,6 +140,7 @@ def packed_batch(
                 col_of += sources[first:]
                 target += resp[first:]
                 seq += [i] * (n_r - first)
+                last[i] = (r, at + n_r - 1)
                 at += n_r
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same = block[:, None, :] == block[:, :, None]
@@ -157,38 +161,105 @@ def packed_batch(
         "col": col.to(device),
         "target": torch.tensor(target, dtype=torch.long, device=device),
         "seq": torch.tensor(seq, dtype=torch.long, device=device),
+        "last_row": torch.tensor([r for r, _ in last], dtype=torch.long, device=device),
+        "last_col": torch.tensor([col for _, col in last], dtype=torch.long, device=device),
     }
 
 
-def sequence_logps(
-    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device
-) -> torch.Tensor:
-    """Summed log p(response | prompt) of each sequence [N], float32, in one forward pass.
-
-    The sequences are packed (``packed_batch``), logits are computed only at the
-    positions that predict a response token (``logits_to_keep``), and each token's
-    log-prob is its logit minus the log-sum-exp of its row, in float32, over those
-    positions only: no [B, T, vocab] tensor is ever made.
-    """
+def _attention_dtype(model):
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     if impl not in ("sdpa", "eager"):
         raise ValueError(
             f"sequence packing needs an explicit attention mask, which {impl!r} attention "
             "does not take; load the model with attn_implementation 'sdpa' or 'eager'"
         )
-    dtype = next(model.parameters()).dtype if impl == "eager" else None
-    batch = packed_batch(prompts, responses, pad_id, device, additive_mask=dtype)
+    return next(model.parameters()).dtype if impl == "eager" else None
+
+
+def _picked_logps(logits: torch.Tensor, batch) -> torch.Tensor:
+    picked = logits[batch["row"], batch["col"]].float()
+    token = picked.gather(-1, batch["target"].unsqueeze(-1)).squeeze(-1)
+    return token - torch.logsumexp(picked, dim=-1)
+
+
+def scored_token_logps(
+    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Log p of every scored response token [K] (float32) and the packed batch, whose
+    ``seq`` says which sequence each token belongs to (tokens of one sequence are
+    consecutive and in order), in one packed forward pass.
+
+    Logits are computed only at the positions that predict a response token
+    (``logits_to_keep``), and each token's log-prob is its logit minus the log-sum-exp
+    of its row, in float32, over those positions only: no [B, T, vocab] tensor is made.
+    """
+    batch = packed_batch(prompts, responses, pad_id, device, additive_mask=_attention_dtype(model))
     logits = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         attention_mask=batch["attention_mask"],
         logits_to_keep=batch["keep"],
     ).logits
-    picked = logits[batch["row"], batch["col"]].float()
-    token = picked.gather(-1, batch["target"].unsqueeze(-1)).squeeze(-1)
-    token = token - torch.logsumexp(picked, dim=-1)
+    return _picked_logps(logits, batch), batch
+
+
+def sequence_logps(
+    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device
+) -> torch.Tensor:
+    """Summed log p(response | prompt) of each sequence [N], float32, in one packed
+    forward pass (``scored_token_logps``)."""
+    token, batch = scored_token_logps(model, prompts, responses, pad_id, device)
     sums = torch.zeros(len(prompts), dtype=torch.float32, device=token.device)
     return sums.index_add(0, batch["seq"], token)
+
+
+def _decoder(model):
+    """The transformer body of a causal LM (PEFT-wrapped or not): it gives hidden states
+    (LoRA layers are injected in place, so they apply) without the output head."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model, inner.get_output_embeddings()
+
+
+def hidden_pass(
+    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+    device, *, logps: bool = True,
+) -> dict[str, torch.Tensor]:
+    """One packed pass through the decoder, for value and reward heads.
+
+    Returns ``batch`` keys plus ``hidden_last`` [N, H] (the last layer's hidden state at
+    each sequence's last token) and, with ``logps``, ``token_logps`` [K] as in
+    ``scored_token_logps`` and ``hidden_tokens`` [K, H] (the hidden state at the position
+    that predicts each scored token: the state a value head values).
+    """
+    batch = packed_batch(prompts, responses, pad_id, device, additive_mask=_attention_dtype(model))
+    decoder, head = _decoder(model)
+    hidden = decoder(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["attention_mask"],
+    ).last_hidden_state
+    out = dict(batch)
+    out["hidden_last"] = hidden[batch["last_row"], batch["last_col"]]
+    if logps:
+        kept = hidden[:, batch["keep"]]
+        out["token_logps"] = _picked_logps(head(kept), batch)
+        out["hidden_tokens"] = kept[batch["row"], batch["col"]]
+    return out
+
+
+def per_sequence(values: torch.Tensor, seq: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values [K] (tokens of a sequence consecutive, in order) as a padded
+    [count, T] tensor and its 0/1 float mask, in the input order of the sequences."""
+    lengths = torch.bincount(seq, minlength=count)
+    width = int(lengths.max().item()) if count else 0
+    order = torch.argsort(seq, stable=True)
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(len(seq), device=seq.device) - starts[seq[order]]
+    out = torch.zeros(count, width, dtype=values.dtype, device=values.device)
+    mask = torch.zeros(count, width, dtype=torch.float32, device=values.device)
+    out = out.index_put((seq[order], pos), values[order])
+    mask[seq[order], pos] = 1.0
+    return out, mask
 
 
 def truncate(

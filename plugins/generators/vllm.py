@@ -143,6 +143,9 @@ class VLLMGenerator(loop.Generator):
         batch_size: int = Field(512, ge=1)
         # Compare vLLM with the PEFT model after every adapter swap.
         sync_check: bool = True
+        # Check after the first swap and then every k-th one (online runs of many short
+        # rounds: the check costs a few engine calls, more than a short round's sampling).
+        sync_every: int = Field(1, ge=1)
         # Largest allowed per-token log-prob gap; None: 1e-3 in float32, 5e-2 in 16-bit.
         sync_tolerance: float | None = Field(None, gt=0)
         # Level of vLLM's messages on stderr (its CPU start-up warnings are many and
@@ -158,6 +161,7 @@ class VLLMGenerator(loop.Generator):
         self._asleep = False
         self._served: tuple[str | None, object] | None = None  # (adapter path, LoRARequest)
         self._next_lora_id = 0
+        self._swaps = 0  # adapters served so far (sync_every counts them)
         self._reference: dict[tuple, list[list[float]]] = {}  # PEFT log-probs per adapter
         self._log_config: str | None = None  # our dictConfig file for vLLM's logging
 
@@ -352,7 +356,8 @@ class VLLMGenerator(loop.Generator):
             request = LoRARequest(f"{Path(path).name}-{self._next_lora_id}", self._next_lora_id, path)
             llm.llm_engine.add_lora(request)
         self._served = (path, request)
-        if self.options.sync_check:
+        self._swaps += 1
+        if self.options.sync_check and (self._swaps - 1) % self.options.sync_every == 0:
             self._check_sync(ctx, adapter, request)
         return request
 

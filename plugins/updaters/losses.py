@@ -238,3 +238,170 @@ def kto(
 # updater for the other data shapes.
 LIST_LOSSES = {"rrhf": rrhf, "pro": pro}
 ALL_LOSSES = {**LOSSES, **LIST_LOSSES, "sft": sft, "orpo": orpo, "kto": kto}
+
+
+# ---------------------------------------------------------------------------
+# Online RL (GRPO, RLOO, Dr. GRPO, PPO) and reward models. Inputs are per-token
+# tensors [B, T] with a 0/1 float ``mask`` of the response tokens, or per-sequence
+# rewards [n] of one prompt's group.
+# ---------------------------------------------------------------------------
+
+
+def grpo_advantages(rewards: Tensor, *, eps: float = 1e-4) -> Tensor:
+    """GRPO (Shao et al., 2024, "DeepSeekMath", sec. 4.1.2, outcome supervision):
+    ``Â_i = (r_i - mean(r)) / std(r)`` over one prompt's group of n rewards; std with
+    Bessel's correction and ``eps`` added, as TRL's GRPOTrainer. Returns [n]."""
+    if rewards.numel() < 2:
+        return torch.zeros_like(rewards)
+    return (rewards - rewards.mean()) / (rewards.std() + eps)
+
+
+def dr_grpo_advantages(rewards: Tensor, **_) -> Tensor:
+    """Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training: A Critical
+    Perspective", sec. 3.2, eq. 3): ``Â_i = r_i - mean(r)``, no division by the group's
+    std (which favours groups of near-equal rewards). Returns [n]."""
+    return rewards - rewards.mean()
+
+
+def rloo_advantages(rewards: Tensor, **_) -> Tensor:
+    """RLOO (Ahmadian et al., 2024, "Back to Basics: Revisiting REINFORCE Style
+    Optimization for Learning from Human Feedback in LLMs", sec. 3.3; Kool et al., 2019):
+    the leave-one-out baseline ``Â_i = r_i - 1/(n-1) Σ_{j≠i} r_j``. Returns [n]."""
+    n = rewards.numel()
+    if n < 2:
+        return torch.zeros_like(rewards)
+    return rewards - (rewards.sum() - rewards) / (n - 1)
+
+
+ADVANTAGES = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+
+
+def clipped_surrogate(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, *, clip_eps: float,
+    clip_eps_high: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The token-level clipped surrogate of PPO (Schulman et al., 2017, eq. 7) as GRPO
+    applies it to every token (Shao et al., 2024, eq. 3), with DAPO's decoupled upper
+    bound (Yu et al., 2025, "DAPO", eq. 10, "clip-higher"):
+
+    ``ρ_t = exp(log π(o_t) - log π_old(o_t))``;
+    ``L_t = -min(ρ_t Â, clip(ρ_t, 1 - ε_low, 1 + ε_high) Â)``, ``ε_high = ε_low`` unless given.
+
+    ``advantages`` is [B, 1] (one per sequence) or [B, T]. Returns the per-token loss
+    [B, T] and where the clipped term was taken with a zero gradient (the "clipped"
+    tokens, [B, T] bool).
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + high) & (advantages > 0))
+    return loss, clipped
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """The k3 estimator of KL(π || π_ref) per token (Schulman, 2020, "Approximating KL
+    Divergence"; GRPO's eq. 4 in Shao et al., 2024): ``exp(q - p) - (q - p) - 1`` with
+    ``p = log π(o_t)``, ``q = log π_ref(o_t)``: unbiased, always >= 0. Returns [B, T]."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def sequence_terms(per_token: Tensor, mask: Tensor, how: str, *, max_tokens: int | None = None) -> Tensor:
+    """Each sequence's share of an aggregated loss, before the batch normaliser.
+
+    ``token_mean`` (DAPO, Yu et al., 2025, eq. 12, token-level loss): ``Σ_t l_t`` (the
+    batch divides by its total token count); ``sequence_mean`` (GRPO, Shao et al., 2024,
+    eq. 3, the ``1/|o_i|`` mean per sequence): ``Σ_t l_t / |o_i|``; ``dr_grpo`` (Liu et
+    al., 2025, eq. 3, a constant length): ``Σ_t l_t / max_tokens``. The last two divide by
+    the batch's sequence count (``normaliser``). Returns [B].
+    """
+    sums = (per_token * mask).sum(-1)
+    if how == "token_mean":
+        return sums
+    if how == "sequence_mean":
+        return sums / mask.sum(-1).clamp(min=1.0)
+    if how == "dr_grpo":
+        if not max_tokens:
+            raise ValueError("dr_grpo aggregation needs max_tokens")
+        return sums / max_tokens
+    raise ValueError(f"unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
+
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
+
+
+def normaliser(mask: Tensor, how: str) -> Tensor:
+    """What a batch's summed ``sequence_terms`` are divided by: its response tokens
+    (``token_mean``) or its sequences (the others)."""
+    return mask.sum().clamp(min=1.0) if how == "token_mean" else torch.tensor(float(mask.shape[0]))
+
+
+def aggregate(per_token: Tensor, mask: Tensor, how: str, *, max_tokens: int | None = None) -> Tensor:
+    """A batch's loss: ``sequence_terms`` summed over the batch, over ``normaliser``."""
+    return sequence_terms(per_token, mask, how, max_tokens=max_tokens).sum() / normaliser(mask, how)
+
+
+def shaped_rewards(scores: Tensor, old_logps: Tensor, ref_logps: Tensor, mask: Tensor, *, kl_coef: float) -> Tensor:
+    """InstructGPT's per-token rewards (Ouyang et al., 2022, eq. 2; Ziegler et al., 2019,
+    sec. 2.2): ``r_t = -β (log π_old(o_t) - log π_ref(o_t))`` on every response token,
+    plus the sequence score ``r_φ(x, y)`` on its last token. ``scores`` [B]. Returns [B, T]."""
+    rewards = -kl_coef * (old_logps - ref_logps) * mask
+    last = (mask.sum(-1) - 1).clamp(min=0).long()
+    return rewards.index_put((torch.arange(len(scores)), last), rewards[torch.arange(len(scores)), last] + scores)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016, "High-Dimensional
+    Continuous Control Using Generalized Advantage Estimation", eqs. 11-16):
+    ``δ_t = r_t + γ V_{t+1} - V_t`` (``V`` past the last token is 0);
+    ``Â_t = Σ_l (γλ)^l δ_{t+l}``; returns ``R_t = Â_t + V_t``. Returns (Â, R), [B, T]."""
+    values = values * mask
+    T = rewards.shape[-1]
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        adv[:, t] = running
+    return adv, adv + values
+
+
+def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / std`` over the masked entries (PPO's advantage normalisation)."""
+    n = mask.sum().clamp(min=1.0)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, *, clip: float) -> Tensor:
+    """PPO's clipped value loss (OpenAI baselines' ppo2; Zheng et al., 2023, "Secrets of
+    RLHF in Large Language Models Part I: PPO", sec. 5.3):
+    ``½ max((V - R)², (clip(V, V_old - c, V_old + c) - R)²)`` per token. Returns [B, T]."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+
+
+def bradley_terry(
+    chosen: Tensor, rejected: Tensor, *, margin: Tensor | None = None, label_smoothing: float = 0.0
+) -> Tensor:
+    """The Bradley-Terry reward-model loss (Ouyang et al., 2022, eq. 1), with the
+    preference margin of Llama 2 (Touvron et al., 2023, eq. 2) and label smoothing
+    (Wang et al., 2024, "Secrets of RLHF in Large Language Models Part II: Reward
+    Modeling", sec. 4):
+    ``Δ = r(y_w) - r(y_l) - m``;
+    ``L = -(1 - ε) log σ(Δ) - ε log σ(-Δ)``. Returns [B]."""
+    delta = chosen - rejected
+    if margin is not None:
+        delta = delta - margin
+    return -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
+
+
+def ema_update(ema: dict[str, Tensor], params: dict[str, Tensor], *, decay: float) -> None:
+    """Exponential moving average of the policy's weights (DeepSpeed-Chat, Yao et al.,
+    2023, sec. 3, "EMA collection"): ``θ_ema ← d θ_ema + (1 - d) θ``, in place."""
+    with torch.no_grad():
+        for name, p in params.items():
+            ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)

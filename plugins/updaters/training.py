@@ -172,31 +172,40 @@ def train(
     micro: MicroFn,
     *,
     lengths: Sequence[int] | None = None,
+    init_from: str | None | object = ...,
+    normaliser: Callable[[list[list[int]]], float] | None = None,
+    extra_params: Sequence[torch.nn.Parameter] = (),
+    after_step: Callable[[object], None] | None = None,
+    plan_options=None,
 ) -> list[loop.TrainStep]:
     """Train the policy's LoRA slot: the shared loop of every updater.
 
-    1. Continue the previous adapter (``ctx.adapter``), or start a fresh LoRA from
-       ``ctx.seed``; only LoRA weights train.
-    2. Plan the steps (``plan``): seeded per-epoch order, length-grouped micro-batches.
+    1. Continue ``init_from`` (default: the previous adapter, ``ctx.adapter``), or start
+       a fresh LoRA from ``ctx.seed``; only LoRA weights (and ``extra_params``: a value
+       or reward head) train.
+    2. Plan the steps (``plan``, with ``plan_options`` or the updater's options): seeded
+       per-epoch order, length-grouped micro-batches.
     3. Per step: for each micro-batch, ``micro`` gives per-unit losses; their sum over
-       the step's size is back-propagated (so the gradient is the mean over its units).
-    4. Clip the gradient norm, AdamW step, schedule step; record a ``TrainStep`` whose
-       metrics are ``micro``'s sums divided by the step's size.
+       the step's ``normaliser`` (default: its size, so the gradient is the mean over
+       its units; a token count for token-level losses) is back-propagated.
+    4. Clip the gradient norm, AdamW step, schedule step, ``after_step(model)``; record a
+       ``TrainStep`` whose metrics are ``micro``'s sums divided by the step's size.
     """
     opts = updater.options
     policy = ctx.policy()
     device = policy.device
-    steps_plan = plan(count, opts, ctx.seed, lengths)
+    steps_plan = plan(count, plan_options or opts, ctx.seed, lengths)
     total = len(steps_plan)
     steps: list[loop.TrainStep] = []
     with seeded(ctx.seed, device):
-        model = policy.trainable(updater.lora_config(), init_from=ctx.adapter, seed=ctx.seed)
+        start = ctx.adapter if init_from is ... else init_from
+        model = policy.trainable(updater.lora_config(), init_from=start, seed=ctx.seed)
         if opts.gradient_checkpointing:
             model.base_model.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             model.enable_input_require_grads()
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
         # The fused kernel updates every LoRA tensor in one call (CPU and CUDA have one).
         fused = torch.device(device).type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(
@@ -207,21 +216,24 @@ def train(
         try:
             for number, (epoch, micro_batches) in enumerate(steps_plan, start=1):
                 size = sum(len(mb) for mb in micro_batches)
+                norm = normaliser(micro_batches) if normaliser is not None else size
                 optimizer.zero_grad(set_to_none=True)
                 total_loss = 0.0
                 sums: dict[str, float] = {}
                 for mb in micro_batches:
                     with updater.autocast(device):
                         losses, mb_sums = micro(model, mb)
-                    (losses.float().sum() / size).backward()
+                    (losses.float().sum() / norm).backward()
                     total_loss += losses.detach().float().sum().item()
                     for k, v in mb_sums.items():
                         sums[k] = sums.get(k, 0.0) + v
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
                 optimizer.step()
+                if after_step is not None:
+                    after_step(model)
                 record = loop.TrainStep(
                     step=number,
-                    loss=total_loss / size,
+                    loss=total_loss / norm,
                     learning_rate=schedule.get_last_lr()[0],
                     grad_norm=float(grad_norm),
                     metrics={k: v / size for k, v in sums.items()},
