@@ -102,6 +102,7 @@ class RunConfig(Strict):
     selector: ComponentSpec = ComponentSpec(name="pairs")
     updater: ComponentSpec
     evaluators: list[ComponentSpec] = []
+    observers: list[ComponentSpec] = []  # trackers and loggers on the lifecycle hooks
     judge_quality: JudgeQualityConfig = JudgeQualityConfig()  # length-bias warnings
 
     # Where the config came from (not part of the file).

@@ -48,6 +48,7 @@ BUILTINS = (
     "plugins.updaters.ranked",
     "plugins.updaters.kto",
     "plugins.tinyworld",
+    "plugins.observers",
 )
 
 # Registration hook -> component kind it registers.
@@ -60,6 +61,7 @@ REGISTRATION_HOOKS = {
     "register_updaters": "updater",
     "register_evaluators": "evaluator",
     "register_model_builders": "model_builder",
+    "register_observers": "observer",
 }
 
 _manager: pluggy.PluginManager | None = None

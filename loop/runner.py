@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from loop import components as c
-from loop import judge_quality, plugins
+from loop import judge_quality, observers, plugins
 from loop.config import RunConfig
 from loop.context import Context
 from loop.errors import PhaseFailed, SelfloopError, UserError
@@ -118,6 +118,7 @@ class Runner:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.lock.acquire()
         old_handler = None
+        guards: list = []
         try:
             self.store = Store.open(self.run_dir / DB_FILE)
             self.info = RunInfo(self.config.name, self.run_dir, self.config, self.config.rounds,
@@ -127,6 +128,7 @@ class Runner:
             except ValueError:  # not the main thread
                 old_handler = None
             self.store.set_run(status="running")
+            guards = observers.attach(self.comps.observers, self._emit)
             self.hook.run_start(run=self.info)
             if self.resumed:
                 self._emit(None, None, "info", f"resumed (pid {os.getpid()})")
@@ -147,6 +149,7 @@ class Runner:
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
+            observers.detach(guards)
             for comp in self.comps.all():
                 try:
                     comp.close()

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loop import components as c
@@ -35,11 +35,12 @@ class Components:
     updater: c.Updater
     evaluators: list[c.Evaluator]
     model_builder: c.ModelBuilder | None = None
+    observers: list[c.Observer] = field(default_factory=list)
 
     def all(self) -> list[c.Component]:
         return [
             self.generator, *self.prompt_sources, *self.optimisers, *self.judges,
-            self.selector, self.updater, *self.evaluators,
+            self.selector, self.updater, *self.evaluators, *self.observers,
         ]
 
 
@@ -82,6 +83,9 @@ def build_components(config: RunConfig) -> Components:
             if config.model.build is not None
             else None
         ),
+        observers=[
+            build("observer", s, f"observers[{i}]", file) for i, s in enumerate(config.observers)
+        ],
     )
 
 
@@ -150,6 +154,7 @@ def resolved_config(config: RunConfig, comps: Components) -> dict:
     data["selector"] = full(data["selector"], comps.selector)
     data["updater"] = full(data["updater"], comps.updater)
     data["evaluators"] = [full(s, x) for s, x in zip(data["evaluators"], comps.evaluators)]
+    data["observers"] = [full(s, x) for s, x in zip(data["observers"], comps.observers)]
     if comps.model_builder is not None:
         data["model"]["build"] = full(data["model"]["build"], comps.model_builder)
     return data
