@@ -28,6 +28,7 @@ from rich.text import Text
 
 from loop.hookspecs import hookimpl
 from loop.judge_quality import length_bias_warnings
+from loop.sparklines import trends
 from loop.store import Store
 
 PHASE_ORDER = ("propose", "optimise", "generate", "judge", "select", "update", "evaluate")
@@ -124,6 +125,9 @@ def render(s: Snapshot, now: float | None = None) -> Group:
                    f"  eta {_duration(eta)}  {extra}"),
         )
     parts.append(head)
+    trend = trends(s.metrics, KEY_METRICS, fmt=_fmt)
+    if trend is not None:
+        parts.append(trend)
     recent = {r: s.metrics[r] for r in sorted(s.metrics)[-6:]}
     tables = metric_tables(recent)
     if tables:
