@@ -47,7 +47,7 @@ def _figure(cols: int, rows: int, cell: tuple[float, float] = CELL) -> Figure:
     w, h = cell[0] * cols, cell[1] * rows
     fig = Figure(figsize=(w, h))
     fig.subplots_adjust(left=0.55 / w, right=1 - 0.15 / w, bottom=0.5 / h, top=1 - 0.3 / h,
-                        wspace=0.55 / (cell[0] - 0.55), hspace=0.8 / (cell[1] - 0.8))
+                        wspace=0.75 / (cell[0] - 0.75), hspace=0.8 / (cell[1] - 0.8))
     return fig
 
 
@@ -59,8 +59,11 @@ def _grid(n: int, cols: int = COLS) -> tuple[Figure, list]:
     return fig, axes
 
 
-def _round_axis(ax, label: str = "round") -> None:
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def _round_axis(ax, label: str = "round", integer: bool = True) -> None:
+    if integer:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_xlabel(label, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
@@ -123,9 +126,9 @@ def lengths_plot(rep: RunReport) -> Plot | None:
         return None
     fig, (a, b) = _grid(2, 2)
     rounds = sorted(rep.lengths)
-    a.boxplot([rep.lengths[r] for r in rounds], positions=rounds, widths=0.5)
+    a.boxplot([rep.lengths[r] for r in rounds], tick_labels=[str(r) for r in rounds], widths=0.5)
     _title(a, "candidate length (tokens), per round")
-    _round_axis(a)
+    _round_axis(a, integer=False)
     pr = sorted(rep.pair_lengths)
     if pr:
         chosen = [sum(c for c, _ in rep.pair_lengths[r]) / len(rep.pair_lengths[r]) for r in pr]
@@ -143,9 +146,9 @@ def margins_plot(rep: RunReport) -> Plot | None:
         return None
     fig, (ax,) = _grid(1)
     rounds = sorted(rep.margins)
-    ax.boxplot([rep.margins[r] for r in rounds], positions=rounds, widths=0.5)
+    ax.boxplot([rep.margins[r] for r in rounds], tick_labels=[str(r) for r in rounds], widths=0.5)
     _title(ax, "selected pairs: score margin")
-    _round_axis(ax)
+    _round_axis(ax, integer=False)
     return Plot("margins", "selection: pair margins per round", fig)
 
 

@@ -7,7 +7,10 @@ loads a real model.
 
 from __future__ import annotations
 
+import os
 import string
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -144,3 +147,29 @@ def world_runs_dir(tmp_path_factory) -> Path:
     """One runs folder for every CLI run of the session: the tiny world's model is built
     once, into its ``.cache``."""
     return tmp_path_factory.mktemp("world-runs")
+
+
+# The shortened demo recipe of the session's demo run (the full recipe's improvement is
+# measured by bench/demo.py).
+DEMO_SHORT = [
+    "--set", "model.build.steps=250",
+    "--set", "prompts.0.per_round=24",
+    "--set", "evaluators.0.heldout=40",
+    "--set", "updater.max_steps=4",
+    "--set", "updater.batch_size=8",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_run(world_runs_dir):
+    """One finished `selfloop demo --rounds 1` for the session (tests/test_demo.py checks it,
+    the report tests render it), in the shared runs folder: the seed model (this recipe) is
+    built once for every CLI run of the tiny world (tests/world_runs.py, the vLLM demo
+    round, cai_demo). Returns (run folder, the finished process)."""
+    runs = world_runs_dir
+    cmd = [sys.executable, "-m", "loop", "demo", "--rounds", "1", "--progress", "plain",
+           "--set", f"runs_dir={runs}", *DEMO_SHORT]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs / "demo", proc

@@ -4,40 +4,15 @@ tinyworld evaluator, through the real CLI (`selfloop demo`).
 
 The seed recipe is shortened (fewer steps) so the test stays well under a minute of
 training; the full recipe's improvement is measured by bench/demo.py, not asserted here.
+The run is the session's ``demo_run`` fixture (tests/conftest.py), shared with the report
+tests.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-SHORT = [
-    "--set", "model.build.steps=250",
-    "--set", "prompts.0.per_round=24",
-    "--set", "evaluators.0.heldout=40",
-    "--set", "updater.max_steps=4",
-    "--set", "updater.batch_size=8",
-]
-
-
-@pytest.fixture(scope="module")
-def demo_run(world_runs_dir):
-    # The session's shared runs folder: the seed model (this recipe) is built once for
-    # every CLI run of the tiny world (tests/world_runs.py, the vLLM demo round, cai_demo).
-    runs = world_runs_dir
-    cmd = [sys.executable, "-m", "loop", "demo", "--rounds", "1", "--progress", "plain",
-           "--set", f"runs_dir={runs}", *SHORT]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return runs / "demo", proc
 
 
 def q(db: Path, sql: str, params=()):
