@@ -12,6 +12,9 @@ the HTML report as an artifact of type ``report``.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 from plugins.observers.tracker import Tracker, needs
 
 
@@ -29,9 +32,11 @@ class TrackioTracker(Tracker):
     def open(self, run, params, config):
         import trackio
 
-        self.tr = trackio.init(project=self.options.project, name=self.options.run_name or run.name,
-                               group=self.options.group, config=config,
-                               resume="allow" if run.resumed else "never", embed=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner would break the dashboard
+            self.tr = trackio.init(
+                project=self.options.project, name=self.options.run_name or run.name,
+                group=self.options.group, config=config, embed=False, auto_log_cpu=False,
+                auto_log_gpu=False, resume="allow" if run.resumed else "never")
 
     def log(self, metrics, step, axis):
         self.tr.log(metrics, step=step)
@@ -43,7 +48,8 @@ class TrackioTracker(Tracker):
         from trackio import context_vars
 
         try:
-            self.tr.finish()
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.tr.finish()
         finally:  # trackio keeps a current run of its own
             if context_vars.current_run.get() is self.tr:
                 context_vars.current_run.set(None)
