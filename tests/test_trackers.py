@@ -275,3 +275,27 @@ def test_observer_config_errors_are_one_line(tmp_path):
         assert result.exit_code == 2, result.output
         assert field in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "runs" / "fake").exists()
+
+
+@needs("mlflow")
+def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    config = tmp_path / "c.toml"
+    config.write_text(fake_config(tmp_path / "runs", rounds=1, per_round=3, n=2, extra=(
+        f'[[observers]]\nname = "mlflow"\ntracking_uri = "{uri}"\nreport = false\n')))
+    run_dir = run_inprocess(config)
+    first = json.loads((run_dir / "observers" / "mlflow.json").read_text())["run_id"]
+    result = cli_inprocess("resume", str(run_dir), "--set", "rounds=2", "--progress", "off")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((run_dir / "observers" / "mlflow.json").read_text())["run_id"] == first
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("selfloop").experiment_id])
+    assert run.info.run_id == first and run.info.status == "FINISHED"
+    got = {m.step: m.value for m in client.get_metric_history(first, "eval/accuracy")}
+    assert got == pytest.approx(stored(run_dir)["eval/accuracy"]) and sorted(got) == [0, 1, 2]
+    steps = {m.step: m.value for m in client.get_metric_history(first, "train_steps/loss")}
+    assert steps == pytest.approx(stored_steps(run_dir)) and sorted(steps) == list(range(1, 7))
+    assert client.list_artifacts(first) == []  # report = false
