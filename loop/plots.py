@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from loop.report_read import PHASES, RunReport
@@ -199,7 +200,10 @@ def compare_plots(reps: list[RunReport], labels: list[str]) -> list[Plot]:
                             label=labels[i])
             _title(ax, name)
             _round_axis(ax)
-        axes[0].legend(fontsize=7)
+        # Every run in the legend, also those without this group's first metric.
+        handles = [Line2D([], [], marker="o", markersize=3, color=COLORS[i % len(COLORS)])
+                   for i in range(len(reps))]
+        axes[0].legend(handles, labels, fontsize=7)
         out.append(Plot(f"metrics-{group}", f"{group}/*", fig, group))
     if any(rep.steps for rep in reps):
         fig, (ax,) = _grid(1, 1)
