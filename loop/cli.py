@@ -4,6 +4,8 @@
     selfloop resume runs/demo
     selfloop status runs/demo
     selfloop watch runs/demo
+    selfloop report runs/demo --html report.html
+    selfloop compare runs/a runs/b
     selfloop demo
     selfloop plugins --json
 
@@ -254,12 +256,45 @@ def watch(run_dir, interval, once):
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def report(run_dir, as_json):
+@click.option("--html", "html", type=click.Path(dir_okay=False), default=None,
+              help="Also write one self-contained HTML page with plots (no network needed).")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write each plot as a PNG into this folder.")
+def report(run_dir, as_json, html, png_dir):
     """One row per round: the run's evaluators (win rates, accuracies), judges' parse
     failures, training examples, reward margin, train loss, length, seconds."""
     from loop.report import report_data, report_table
 
     _show(run_dir, report_data, report_table, as_json, width=160)
+    if html or png_dir:
+        from loop.html_report import write_report
+        from loop.report_read import open_run
+
+        for path in write_report(open_run(run_dir), html=html, png_dir=png_dir):
+            click.echo(f"wrote {path}", err=True)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--html", "html", type=click.Path(dir_okay=False), default=None,
+              help="Also write one HTML page with every metric's curves overlaid.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def compare(run_dirs, html, as_json):
+    """Runs side by side: key metrics per round, and their config differences.
+
+    selfloop compare runs/a runs/b --html compare.html
+    """
+    from rich.console import Console
+
+    from loop import compare as cmp
+
+    reps, labels = cmp.load(list(run_dirs))
+    if as_json:
+        click.echo(json.dumps(cmp.compare_data(reps, labels), indent=2, default=str))
+    else:
+        Console().print(cmp.compare_tables(reps, labels))
+    if html:
+        click.echo(f"wrote {cmp.write_compare_html(reps, labels, html)}", err=True)
 
 
 @cli.command()

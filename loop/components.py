@@ -440,6 +440,44 @@ class Evaluator(Component):
         raise NotImplementedError
 
 
+class Observer(Component):
+    """Follows a run through the lifecycle hooks: an experiment tracker, a logger.
+
+    Chosen in the config with ``[[observers]] name = "..."`` (several allowed). Implement
+    any of the methods below; each gets what the lifecycle hook of the same name in
+    loop/hookspecs.py gets. The runner calls them through a guard (loop/observers.py): an
+    observer that raises is switched off for the rest of the run, the failure is stored as
+    a warning event naming it, and the run goes on. ``close`` is called when the run stops.
+    """
+
+    kind = "observer"
+
+    def run_start(self, run) -> None:
+        """The run starts or resumes (``run.resumed``)."""
+
+    def round_start(self, run, round: int) -> None:
+        """A round starts."""
+
+    def phase_start(self, run, round: int, phase: str) -> None:
+        """A phase starts."""
+
+    def progress(self, run, round: int, phase: str, done: int, total: int | None,
+                 metrics: dict[str, float]) -> None:
+        """Progress inside a phase (called often: keep it cheap)."""
+
+    def phase_end(self, run, round: int, phase: str, status: str, seconds: float) -> None:
+        """A phase ends (its results are committed when ``status`` is "done")."""
+
+    def round_end(self, run, round: int, metrics: dict[str, float]) -> None:
+        """A round is done; ``metrics`` are its stored ``group/name`` values."""
+
+    def event(self, run, round, phase, level: str, message: str, data: dict) -> None:
+        """An event was stored."""
+
+    def run_end(self, run, status: str) -> None:
+        """The run stops: "completed", "interrupted" or "failed"."""
+
+
 class ModelBuilder(Component):
     """Builds a model folder on demand (tiny in-process models, synthetic seeds)."""
 
@@ -466,5 +504,6 @@ KINDS: dict[str, type[Component]] = {
         Updater,
         Evaluator,
         ModelBuilder,
+        Observer,
     )
 }

@@ -158,6 +158,7 @@ class RunConfig(Strict):
     updater: ComponentSpec | None = None  # required unless every [[stages]] entry names one
     stages: list[StageSpec] = []  # per-round updater / selector choice (docs/methods.md)
     evaluators: list[EvaluatorSpec] = []
+    observers: list[ComponentSpec] = []  # trackers and loggers on the lifecycle hooks
     judge_quality: JudgeQualityConfig = JudgeQualityConfig()  # length-bias warnings
     guards: GuardsConfig = GuardsConfig()  # fail a phase loudly instead of learning nothing
     runner: RunnerConfig = RunnerConfig()  # phase_timeout_s

@@ -93,6 +93,17 @@ def register_model_builders(register):
 
 
 @hookspec
+def register_observers(register):
+    """Register observer classes (``loop.Observer``): experiment trackers, loggers.
+
+    Called once at start-up. ``register(cls)`` records ``cls`` under ``cls.name``; a
+    config enables one with ``[[observers]] name = "..."``. The runner calls an enabled
+    observer's lifecycle methods through a guard: one that raises is switched off and
+    logged as an event, and the run goes on.
+    """
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``selfloop`` command line.
 

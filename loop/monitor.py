@@ -29,6 +29,7 @@ from rich.text import Text
 
 from loop.hookspecs import hookimpl
 from loop.judge_quality import length_bias_warnings
+from loop.sparklines import trends
 from loop.store import Store
 
 PHASE_ORDER = ("propose", "optimise", "generate", "judge", "select", "update", "evaluate")
@@ -135,6 +136,11 @@ def render(s: Snapshot, now: float | None = None, width: int = 100,
         head.add_row(s.phase, _bar(s.done, s.total, bar), escape(_phase_line(s, now)))
     parts: list = [head]
     used = 2 if s.phase is not None else 1
+    trend = trends(s.metrics, KEY_METRICS, fmt=_fmt)  # sparklines of the key metrics
+    if trend is not None:
+        parts.append(trend)
+        chars = sum(len(t.plain) + 3 for t in trend.renderables)
+        used += max(1, -(-chars // max(width, 1)))
     warnings = s.warnings()
     warn_panel = None
     if warnings:

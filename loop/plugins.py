@@ -56,6 +56,7 @@ BUILTINS = (
     "plugins.evaluators.verify",
     "plugins.evaluators.winrate",
     "plugins.tinyworld",
+    "plugins.observers",
 )
 
 # Registration hook -> component kind it registers.
@@ -68,6 +69,7 @@ REGISTRATION_HOOKS = {
     "register_updaters": "updater",
     "register_evaluators": "evaluator",
     "register_model_builders": "model_builder",
+    "register_observers": "observer",
 }
 
 _manager: pluggy.PluginManager | None = None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from loop import components as c
-from loop import guards, heldout, integrity, judge_quality, plugins
+from loop import guards, heldout, integrity, judge_quality, observers, plugins
 from loop.blame import ComponentFailed, blame, check_result, describe
 from loop.combine import combine
 from loop.config import RunConfig, config_from_dict
@@ -147,6 +147,7 @@ class Runner:
 
     def _run(self) -> str:
         self.lock.acquire()
+        watchers: list = []
         try:
             self.reserve.make()
             self.store = Store.open(self.run_dir / DB_FILE)
@@ -154,6 +155,7 @@ class Runner:
                                 self.resumed, self.store, self.model_path)
             self.interrupts.install()
             self.store.set_run(status="running")
+            watchers = observers.attach(self.comps.observers, self._emit)
             self._notify("run_start")
             if self.resumed:
                 self._emit(None, None, "info", f"resumed (pid {os.getpid()})")
@@ -175,6 +177,7 @@ class Runner:
             return status
         finally:
             self.interrupts.restore()
+            observers.detach(watchers)
             for comp in self.comps.all():
                 try:
                     comp.close()

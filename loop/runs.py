@@ -13,7 +13,7 @@ import inspect
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loop import components as c
@@ -47,6 +47,7 @@ class Components:
     evaluators: list[c.Evaluator]
     model_builder: c.ModelBuilder | None = None
     stages: list[Stage] | None = None  # [[stages]]; None: one updater and selector throughout
+    observers: list[c.Observer] = field(default_factory=list)
 
     def stage(self, r: int) -> Stage | None:
         for s in self.stages or ():
@@ -64,7 +65,7 @@ class Components:
 
     def all(self) -> list[c.Component]:
         out = [self.generator, *self.prompt_sources, *self.optimisers, *self.judges,
-               self.selector, self.updater, *self.evaluators]
+               self.selector, self.updater, *self.evaluators, *self.observers]
         for s in self.stages or ():
             out += [x for x in (s.updater, s.selector) if all(x is not y for y in out)]
         return out
@@ -127,6 +128,9 @@ def build_components(config: RunConfig) -> Components:
             else None
         ),
         stages=stages or None,
+        observers=[
+            build("observer", s, f"observers[{i}]", file) for i, s in enumerate(config.observers)
+        ],
     )
 
 
@@ -232,6 +236,7 @@ def resolved_config(config: RunConfig, comps: Components) -> dict:
         if spec["selector"] is not None:
             spec["selector"] = full(spec["selector"], stage.selector)
     data["evaluators"] = [full(s, x) for s, x in zip(data["evaluators"], comps.evaluators)]
+    data["observers"] = [full(s, x) for s, x in zip(data["observers"], comps.observers)]
     if comps.model_builder is not None:
         data["model"]["build"] = full(data["model"]["build"], comps.model_builder)
     return data

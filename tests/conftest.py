@@ -7,7 +7,10 @@ loads a real model.
 
 from __future__ import annotations
 
+import os
 import string
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -148,7 +151,8 @@ def world_runs_dir(tmp_path_factory) -> Path:
 
 # The demo, shortened (a 250-step seed recipe, 24 prompts a round, 4 optimizer steps, 40
 # held-out prompts), two rounds through the real CLI: tests/test_demo.py checks what it
-# stores and that it learns; tests/test_prompt_demos.py runs the same with OPRO and BPO.
+# stores and that it learns; tests/test_prompt_demos.py runs the same with OPRO and BPO;
+# tests/test_report.py renders its HTML report.
 DEMO_SHORT = [
     "--set", "model.build.steps=250",
     "--set", "prompts.0.per_round=24",
@@ -160,9 +164,6 @@ DEMO_SHORT = [
 
 @pytest.fixture(scope="session")
 def demo_run(world_runs_dir):
-    import os
-    import subprocess
-    import sys
 
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "loop", "demo", "--rounds", "2", "--progress", "plain",
