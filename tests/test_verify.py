@@ -121,5 +121,5 @@ def test_dataset_reads_reference_answers(tmp_path):
     got = src.propose(types.SimpleNamespace(round=1, config=types.SimpleNamespace(seed=0)))
     assert [(p.text, p.answer) for p in got] == [("1+1?", "2"), ("name?", "Ada"), ("open", None)]
     f.write_text(json.dumps({"prompt": "x", "answer": ["a"]}) + "\n")
-    with pytest.raises(ConfigError, match="line 1: 'answer' must be a string or a number"):
+    with pytest.raises(ConfigError, match="row 1: 'answer' must be text or a number"):
         plugins.build_component("prompt_source", ComponentSpec(name="dataset", path=str(f)), "prompts[0]")
