@@ -1,6 +1,6 @@
 """configs/eval_demo.toml through the real CLI, three rounds (shortened: a 250-step seed
-recipe, 12 prompts a round, 24 held-out prompts for tinyworld and verify, 12 for winrate,
-4 DPO steps): win rates for rounds 0..3 (round 0 against the base is 0.5 by construction:
+recipe, 8 prompts x 3 answers a round, one judge sample, 16 held-out prompts for tinyworld
+and verify, 8 for winrate, 2 DPO steps): win rates for rounds 0..3 (round 0 against the base is 0.5 by construction:
 identical greedy answers are ties, never judged), verify accuracy equal to the tinyworld
 evaluator's on the same prompts, the held-out split recorded, and `report` (+ --json)."""
 
@@ -16,11 +16,13 @@ from tests.world_runs import ENV, ROOT, q
 
 SHORT = [
     "--set", "model.build.steps=250",
-    "--set", "prompts.0.per_round=12",
-    "--set", "evaluators.0.heldout=24",
-    "--set", "evaluators.1.heldout=24",
-    "--set", "evaluators.2.heldout=12",
-    "--set", "updater.max_steps=4",
+    "--set", "prompts.0.per_round=8",
+    "--set", "generate.n=3",
+    "--set", "judges.0.samples=1",
+    "--set", "evaluators.0.heldout=16",
+    "--set", "evaluators.1.heldout=16",
+    "--set", "evaluators.2.heldout=8",
+    "--set", "updater.max_steps=2",
     "--set", "updater.batch_size=8",
 ]
 
@@ -45,14 +47,14 @@ def test_win_rates_every_round_and_verify_agrees_with_tinyworld(eval_run):
     m = _metrics(eval_run / "run.db")
     assert sorted(m) == [0, 1, 2, 3]
     assert m[0]["eval/winrate/winrate"] == 0.5 and m[0]["eval/winrate/lc_winrate"] == pytest.approx(0.5, abs=1e-6)
-    assert m[0]["eval/winrate/ties"] == 12  # the base against itself: never judged
+    assert m[0]["eval/winrate/ties"] == 8  # the base against itself: never judged
     for r in range(4):
         w = m[r]
         assert 0 <= w["eval/winrate/winrate_low"] <= w["eval/winrate/winrate"] <= w["eval/winrate/winrate_high"] <= 1
         assert 0 < w["eval/winrate/lc_winrate"] < 1
-        assert w["eval/winrate/pairs"] + w["eval/winrate/judge_failures"] / 2 >= 12 - 1e-9
-        assert w["eval/verify/accuracy"] == w["eval/accuracy"]  # the same 24 prompts, one verifier
-        assert w["eval/verify/prompts"] == 24 and w["eval/verify/extract_failures"] == 0
+        assert w["eval/winrate/pairs"] + w["eval/winrate/judge_failures"] / 2 >= 8 - 1e-9
+        assert w["eval/verify/accuracy"] == w["eval/accuracy"]  # the same 16 prompts, one verifier
+        assert w["eval/verify/prompts"] == 16 and w["eval/verify/extract_failures"] == 0
     for r in (1, 2, 3):
         assert m[r]["select/examples"] >= 1 and "judge/self_reward/truncated_rate" in m[r]
 
