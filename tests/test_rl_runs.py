@@ -108,7 +108,8 @@ def test_rlhf_demo_trained_rm_learns_verifier_pairs_and_resumes_to_the_same_adap
 
 def test_rlaif_demo_completes_two_rounds(world_runs_dir):
     d = run(world_runs_dir, "configs/rlaif_demo.toml", "rlaif", "--set", "evaluators=[]",
-            "--set", "prompts.0.per_round=16", "--set", "judges.0.comparisons=2")
+            "--set", "prompts.0.per_round=12", "--set", "judges.0.comparisons=1",
+            "--set", "judges.1.train.epochs=2", "--set", "updater.max_steps=1")
     assert q(d / "run.db", "select status from runs")[0]["status"] == "completed"
     for key in ("rm/accuracy", "rm/loss", "rm/train_pairs", "grpo/clip_frac"):
         assert metric(d, 2, key) is not None, key

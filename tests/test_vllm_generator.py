@@ -175,6 +175,19 @@ def test_sync_check_fails_on_a_stale_adapter(gen, policy, adapters):
     assert ctx.reported["sync/max_abs_logprob_diff"] > 1e-2
 
 
+def test_sync_every_checks_the_first_swap_then_every_kth(gen, policy, adapters, monkeypatch):
+    checked = []
+    monkeypatch.setattr(gen.options, "sync_every", 2)
+    monkeypatch.setattr(gen, "_check_sync", lambda ctx, path, request: checked.append(path))
+    monkeypatch.setattr(gen, "_swaps", 0)
+    gen._served = None  # serve afresh whatever an earlier test left
+    ctx = ctx_for(policy)
+    for a in (adapters[0], adapters[1], adapters[1], adapters[0], adapters[1]):
+        gen._serve(ctx, a)  # the third serves the same adapter again: no swap
+    assert checked == [adapters[0], adapters[0]]  # swaps 1 and 3 of 4
+    gen._served = None  # the next test serves afresh
+
+
 def test_bad_adapters_are_clear_errors(gen, policy, adapters, tmp_path):
     import shutil
 
