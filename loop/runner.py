@@ -487,6 +487,7 @@ class Runner:
         return c.Selection(pairs=pairs, selected=selected)
 
     def _do_update(self, ctx: Context) -> Callable:
+        from loop.model_card import write_model_card
         from loop.policy import install_adapter
 
         selection = self.load_selection(ctx.round)
@@ -510,7 +511,8 @@ class Runner:
             finally:
                 self._call_plain(gen, "reclaim", ctx)
             self._current = self.comps.updater
-            self._write_model_card(ctx, tmp, result)
+            write_model_card(tmp, self.store, ctx.round, self.model_path, result,
+                             init_from=Path(ctx.adapter).name if ctx.adapter else None)
             install_adapter(str(tmp), str(final))
             self._current = None
             policy, adapter_rel = f"round-{ctx.round}", str(final.relative_to(self.run_dir))
@@ -525,26 +527,6 @@ class Runner:
                        [policy, adapter_rel, ctx.round])
 
         return write
-
-    def _write_model_card(self, ctx: Context, folder: Path, result: c.UpdateResult) -> None:
-        """README.md in the new adapter folder (loop/model_card.py), before it is installed."""
-        from loop import __version__
-        from loop.model_card import model_card
-
-        if not folder.is_dir():
-            return  # the updater wrote nothing; install_adapter says so
-        metrics = {**self.store.metrics(ctx.round), **result.metrics, "train/steps": len(result.steps)}
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("eval/")}
-        prev = ctx.adapter
-        config = json.loads(self.store.run_row()["config"])  # resolved: defaults filled in
-        card = model_card(
-            run=self.config.name, round=ctx.round, base_model=self.model_path,
-            updater=config.get("updater") or {}, version=__version__,
-            init_from=str(Path(prev).relative_to(self.run_dir)) if prev else None,
-            metrics=metrics, previous_eval=self.store.metrics(ctx.round - 1),
-            config=config,
-        )
-        (folder / "README.md").write_text(card, encoding="utf-8")
 
     def _call_plain(self, comp, method, ctx):
         self._current = comp
