@@ -10,6 +10,7 @@ the file when they load the folder.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def model_card(*, run: str, round: int, base_model: str, updater: dict, init_from: str | None,
@@ -69,3 +70,25 @@ def _table(metrics: dict[str, float]) -> list[str]:
     rows += [f"| `{k}` | {v:.6g} |" if isinstance(v, (int, float)) else f"| `{k}` | {v} |"
              for k, v in sorted(metrics.items())]
     return rows
+
+
+def write_model_card(folder: Path, store, round: int, base_model: str, result,
+                     init_from: str | None, updater: dict | None = None) -> None:
+    """README.md in a new adapter folder, before the runner installs it: the round's metrics
+    so far and the update's own, the previous round's evaluation, the resolved config.
+    ``updater``: the round's updater and its options (a ``[[stages]]`` run changes it)."""
+    from loop import __version__
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return  # the updater wrote nothing; installing the folder will say so
+    metrics = {**store.metrics(round), **result.metrics, "train/steps": len(result.steps)}
+    config = json.loads(store.run_row()["config"])  # resolved: defaults filled in
+    card = model_card(
+        run=config.get("name", "?"), round=round, base_model=base_model,
+        updater=updater or config.get("updater") or {}, version=__version__,
+        init_from=f"adapters/{init_from}" if init_from else None,
+        metrics={k: v for k, v in metrics.items() if not k.startswith("eval/")},
+        previous_eval=store.metrics(round - 1), config=config,
+    )
+    (folder / "README.md").write_text(card, encoding="utf-8")

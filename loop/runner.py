@@ -615,6 +615,7 @@ class Runner:
         return c.Selection(pairs=pairs, selected=selected)
 
     def _do_update(self, ctx: Context) -> Callable:
+        from loop.model_card import write_model_card
         from loop.policy import install_adapter
 
         updater = self.comps.updater_for(ctx.round)
@@ -642,7 +643,10 @@ class Runner:
                     gen.reclaim(ctx)
             with blame(updater, "installing the adapter it wrote"):
                 _check_losses(result, updater, self.run_dir)
-                self._write_model_card(ctx, tmp, result, updater)
+                options = updater.options.model_dump(mode="json") if updater.options is not None else {}
+                write_model_card(tmp, self.store, ctx.round, self.model_path, result,
+                                 init_from=Path(ctx.adapter).name if ctx.adapter else None,
+                                 updater={"name": updater.name, **options})
                 install_adapter(str(tmp), str(final))
             policy, adapter_rel = f"round-{ctx.round}", str(final.relative_to(self.run_dir))
             files = integrity.hash_folder(final)
@@ -659,29 +663,6 @@ class Runner:
                 integrity.record_adapter(db, ctx.round, adapter_rel, files)
 
         return write
-
-    def _write_model_card(self, ctx: Context, folder: Path, result: c.UpdateResult,
-                          updater: c.Updater) -> None:
-        """README.md in the new adapter folder (loop/model_card.py), before it is installed."""
-        from loop import __version__
-        from loop.model_card import model_card
-
-        if not folder.is_dir():
-            return  # the updater wrote nothing; install_adapter says so
-        metrics = {**self.store.metrics(ctx.round), **result.metrics, "train/steps": len(result.steps)}
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("eval/")}
-        prev = ctx.adapter
-        config = json.loads(self.store.run_row()["config"])  # resolved: defaults filled in
-        card = model_card(
-            run=self.config.name, round=ctx.round, base_model=self.model_path,
-            updater={"name": updater.name, **(updater.options.model_dump(mode="json")
-                                              if updater.options is not None else {})},
-            version=__version__,
-            init_from=str(Path(prev).relative_to(self.run_dir)) if prev else None,
-            metrics=metrics, previous_eval=self.store.metrics(ctx.round - 1),
-            config=config,
-        )
-        (folder / "README.md").write_text(card, encoding="utf-8")
 
     def _do_evaluate(self, ctx: Context) -> Callable:
         metrics: dict[str, float] = {}
