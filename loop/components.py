@@ -161,12 +161,16 @@ class JudgeResult:
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: int = 0  # model-written texts behind this result
     truncated: int = 0  # ... of which cut at max_new_tokens
+    truncated_sample: str | None = None  # the first cut-off text (shown by the guard)
 
     def count(self, completions: Sequence[Completion]) -> None:
         """Add generator outputs to ``outputs`` / ``truncated``."""
         for comp in completions:
             self.outputs += 1
-            self.truncated += comp.finish_reason == "length"
+            if comp.finish_reason == "length":
+                self.truncated += 1
+                if self.truncated_sample is None:
+                    self.truncated_sample = comp.text
 
 
 @dataclass
@@ -285,6 +289,9 @@ class Generator(Component):
     """Samples completions from the policy (base model + the given adapter)."""
 
     kind = "generator"
+    # True for generators that load the model folder's weights and tokenizer (hf, vllm):
+    # the model-folder checks at validation (loop/model_check.py) then apply.
+    loads_model_folder: ClassVar[bool] = False
 
     def generate(
         self,

@@ -43,30 +43,29 @@ def _resume_hint(run_dir, fix: str) -> str:
 
 
 def check_judge(guards: GuardsConfig, *, field: str, judge, judgments: list, outputs: int,
-                truncated: int, round: int, run_dir, phase: str = "judge") -> None:
+                truncated: int, round: int, run_dir, phase: str = "judge",
+                truncated_sample: str | None = None) -> None:
     """Raise ``GuardFailed`` when the judge at config ``field`` (``judges[0]``,
     ``evaluators[1].judge``) is past a guard this round."""
     label = judge.label
-    knob = "max_new_tokens"
-    max_new = getattr(judge.options, knob, None)
-    if max_new is None and getattr(judge.options, "revision_max_new_tokens", None) is not None:
-        knob = "revision_max_new_tokens"  # the constitutional judge: its revisions' length
-        max_new = judge.options.revision_max_new_tokens
+    max_new = getattr(judge.options, "max_new_tokens", None)
     template = getattr(judge.options, "template", None)
     n = len(judgments)
     failures = [j for j in judgments if j.score is None]
     parse_rate = len(failures) / n if n else 0.0
     trunc_rate = truncated / outputs if outputs else 0.0
     where = f"round {round} {phase}: judge {label!r} ({field})"
-    tokens_fix = (f"raise {field}.{knob} (now {max_new})" if max_new is not None
-                  else f"give {field} room to finish its answers")
+    limits = {k: v for k, v in judge.options.model_dump().items() if k.endswith("max_new_tokens")}
+    tokens_fix = (f"raise {field}.max_new_tokens (now {max_new})" if max_new is not None
+                  else "raise " + " / ".join(f"{field}.{k} (now {v})" for k, v in limits.items())
+                  if limits else f"give {field} room to finish its answers")
     if n and parse_rate > guards.max_parse_failure_rate:
         sample = next((j.raw for j in failures if j.raw), failures[0].error or "")
         cut = f"; {truncated} of {outputs} outputs were cut at max_new_tokens" if outputs else ""
         fix = tokens_fix if outputs and truncated else (
             f"{field}.template ({template!r}) must make the judge end with its score line"
             if template else f"change {field}'s options so its outputs parse")
-        hint = (f"{field.replace('[', '.').replace(']', '')}.{knob}={max(4 * max_new, 64)}"
+        hint = (f"{field.replace('[', '.').replace(']', '')}.max_new_tokens={max(4 * max_new, 64)}"
                 if max_new is not None and outputs and truncated else "guards.max_parse_failure_rate=1.0")
         raise GuardFailed(
             f"{where} could not parse {len(failures)} of {n} judgments ({parse_rate:.0%}; "
@@ -74,10 +73,16 @@ def check_judge(guards: GuardsConfig, *, field: str, judge, judgments: list, out
             f"One raw output: {_shown(sample)}. Fix: {fix}, {_resume_hint(run_dir, hint)}"
         )
     if outputs and trunc_rate > guards.max_truncated_rate:
-        sample = next((j.raw for j in judgments if (j.meta or {}).get("finish_reason") == "length"),
-                      judgments[0].raw if judgments else "")
-        hint = (f"{field.replace('[', '.').replace(']', '')}.{knob}={max(4 * max_new, 64)}"
-                if max_new is not None else "guards.max_truncated_rate=1.0")
+        sample = truncated_sample if truncated_sample is not None else next(
+            (j.raw for j in judgments if (j.meta or {}).get("finish_reason") == "length"),
+            judgments[0].raw if judgments else "")
+        dotted = field.replace("[", ".").replace("]", "")
+        if max_new is not None:
+            hint = f"{dotted}.max_new_tokens={max(4 * max_new, 64)}"
+        elif limits:
+            hint = " --set ".join(f"{dotted}.{k}={max(4 * v, 64)}" for k, v in limits.items())
+        else:
+            hint = "guards.max_truncated_rate=1.0"
         raise GuardFailed(
             f"{where}: {truncated} of {outputs} outputs ({trunc_rate:.0%}) were cut at "
             f"max_new_tokens (guards.max_truncated_rate = {guards.max_truncated_rate:g}). "

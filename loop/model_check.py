@@ -56,6 +56,9 @@ def check_model_folder(folder: str, config, generator, device: str) -> None:
     """Every check of the module docstring; ``folder`` is a resolved local model folder."""
     p = Path(folder)
     where = dict(file=config.source_file, field="model.path")
+    if not generator.loads_model_folder:
+        generator.check_model(str(p), device)
+        return
     try:
         cfg = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:

@@ -432,7 +432,7 @@ class Runner:
                 metrics[f"judge/{judge.label}/truncated_rate"] = res.truncated / res.outputs
             guards.check_judge(self.config.guards, field=f"judges[{index}]", judge=judge, judgments=res.judgments,
                                outputs=res.outputs, truncated=res.truncated, round=ctx.round,
-                               run_dir=self.run_dir)
+                               run_dir=self.run_dir, truncated_sample=res.truncated_sample)
             judgments.extend(res.judgments)
             new_cands.extend(res.candidates)
             for p in res.pairs:

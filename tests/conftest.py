@@ -142,8 +142,16 @@ def make_ctx(tiny_policy):
 @pytest.fixture(scope="session")
 def world_runs_dir(tmp_path_factory) -> Path:
     """One runs folder for every CLI run of the session: the tiny world's model is built
-    once, into its ``.cache``."""
-    return tmp_path_factory.mktemp("world-runs")
+    once, into its ``.cache``. ``SELFLOOP_TEST_SEED_CACHE=DIR`` copies the built models of
+    ``DIR`` (a runs folder's ``.cache``) in first, to skip the build on a busy machine."""
+    import os
+    import shutil
+
+    runs = tmp_path_factory.mktemp("world-runs")
+    seed = os.environ.get("SELFLOOP_TEST_SEED_CACHE")
+    if seed:
+        shutil.copytree(seed, runs / ".cache")
+    return runs
 
 
 # The demo, shortened (a 250-step seed recipe, 24 prompts a round, 4 optimizer steps, 40

@@ -58,3 +58,24 @@ def test_bad_guards_are_refused_before_the_run_folder(tmp_path):
     assert proc.returncode == 2
     assert "guards.max_parse_failure_rate: input should be less than or equal to 1" in proc.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_truncation_guard_names_every_length_option_of_the_judge():
+    import pytest
+
+    from loop import plugins
+    from loop.config import ComponentSpec
+    from loop.guards import GuardFailed, GuardsConfig, check_judge
+
+    judge = plugins.build_component("judge", ComponentSpec(name="constitutional", critique_max_new_tokens=24,
+                                                           revision_max_new_tokens=24), "judges[0]")
+    with pytest.raises(GuardFailed) as e:
+        check_judge(GuardsConfig(), field="judges[0]", judge=judge, judgments=[], outputs=32, truncated=30,
+                    round=1, run_dir="runs/x", truncated_sample="The answer is too")
+    msg = str(e.value)
+    assert "round 1 judge: judge 'constitutional' (judges[0]): 30 of 32 outputs (94%) were cut" in msg
+    assert "One raw output: 'The answer is too'" in msg
+    assert "raise judges[0].critique_max_new_tokens (now 24) / judges[0].revision_max_new_tokens (now 24)" in msg
+    assert ("--set judges.0.critique_max_new_tokens=96 --set judges.0.revision_max_new_tokens=96" in msg)
+    check_judge(GuardsConfig(max_truncated_rate=1.0), field="judges[0]", judge=judge, judgments=[], outputs=32,
+                truncated=30, round=1, run_dir="runs/x")  # switched off: no error

@@ -214,6 +214,7 @@ class WinrateEvaluator(loop.Evaluator):
         outcomes: list[list[float | None]] = []
         all_judgments = []
         outputs = truncated = 0
+        sample = None
         for policy_first in (True, False):
             cands, pairs = [], []
             for i in judged:
@@ -226,6 +227,7 @@ class WinrateEvaluator(loop.Evaluator):
             result = self.judge.judge(ctx, cands)
             all_judgments += result.judgments
             outputs, truncated = outputs + result.outputs, truncated + result.truncated
+            sample = sample if sample is not None else result.truncated_sample
             scores: dict[int, list[float]] = {}
             for j in result.judgments:
                 if j.score is not None:
@@ -238,7 +240,7 @@ class WinrateEvaluator(loop.Evaluator):
         if guards is not None:
             check_judge(guards, field=f"evaluators[{index}].judge", judge=self.judge,
                         judgments=all_judgments, outputs=outputs, truncated=truncated,
-                        round=ctx.round, run_dir=ctx.run_dir, phase="evaluate")
+                        round=ctx.round, run_dir=ctx.run_dir, phase="evaluate", truncated_sample=sample)
         return outcomes[0], outcomes[1]
 
 

@@ -84,6 +84,7 @@ class HFGenerator(loop.Generator):
     """
 
     name = "hf"
+    loads_model_folder = True  # the model-folder checks at validation apply
 
     class Options(loop.Generator.Options):
         # Prompts per generate() call (each with n samples): bounds memory on long prompts.

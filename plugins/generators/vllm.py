@@ -66,6 +66,7 @@ class VLLMGenerator(loop.Generator):
     """Sampling with a vLLM engine; adapters served as LoRA requests, never merged."""
 
     name = "vllm"
+    loads_model_folder = True  # the model-folder checks at validation apply
 
     class Options(loop.Generator.Options):
         # Weights' dtype; "auto" takes [model] dtype (bf16 on GPU, float32 on CPU).

@@ -37,9 +37,6 @@ class FakeBuilder(loop.ModelBuilder):
         d = Path(cache_dir) / "fake-model"
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text("{}")
-        # What the model-folder checks look for (nothing loads them: the fakes need no model).
-        (d / "model.safetensors").write_bytes(b"")
-        (d / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
         return str(d)
 
 
