@@ -75,7 +75,7 @@ def test_one_round_stores_every_artifact_linked_to_its_source(demo_run):
         assert p["a_prompt"] == p["b_prompt"] == p["prompt_id"]
         assert p["chosen_score"] > p["rejected_score"] and p["margin"] > 0
     steps = q(db, "select * from train_steps where round = 1 order by step")
-    assert len(steps) == 4
+    assert len(steps) == 8
     for s in steps:
         m = json.loads(s["metrics"])
         assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"} <= set(m)
