@@ -110,7 +110,7 @@ def _evaluate(policy, base, table, first_bonus=0.0):
         generator=gen, adapter="A", round=1, policy_label="round-1", run_dir=".",
         config=types.SimpleNamespace(evaluators=[types.SimpleNamespace(label="wr", name="winrate")],
                                      guards=GuardsConfig()),
-        derive_seed=lambda *a: 0)
+        derive_seed=lambda *a: 0, chat=lambda text: [{"role": "user", "content": text}])
     return ev.evaluate(ctx)
 
 
