@@ -40,7 +40,9 @@ from loop.runs import (  # noqa: F401 - re-exported: loop.runner is the entry po
     build_components,
     check_runs_dir,
     create_run,
+    load_run_config,
     prepare,
+    require_run_folder,
     resolve_model_path,
     resolved_config,
 )
@@ -606,37 +608,32 @@ def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
     discards that phase and everything after it first, so they run again.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / DB_FILE).is_file():
-        raise UserError(
-            f"{run_dir}: not a selfloop run folder (no {DB_FILE}); give the folder "
-            "`selfloop run` made, e.g. runs/NAME"
-        )
+    require_run_folder(run_dir)
     if redo is not None:
         integrity.parse_redo(redo)  # a typo is refused before anything is touched
     lock = RunLock(run_dir)
     lock.acquire()
     try:
-        integrity.check_database(run_dir / DB_FILE)
-        writer = Store.open(run_dir / DB_FILE)
-        try:
-            runner = _resume_locked(run_dir, writer, lock, list(extra_plugins), list(overrides), redo)
-        finally:
-            writer.close()
+        return _resume_locked(run_dir, lock, list(extra_plugins), list(overrides), redo)
     except BaseException:
         lock.release()
         raise
-    return runner
 
 
-def _resume_locked(run_dir: Path, writer: Store, lock: RunLock, extra_plugins: list[str],
+def _resume_locked(run_dir: Path, lock: RunLock, extra_plugins: list[str],
                    overrides: list[str], redo: str | None) -> Runner:
-    row = writer.run_row()
+    integrity.check_database(run_dir / DB_FILE)
+    reader = Store.open_readonly(run_dir / DB_FILE)  # nothing is written until all is valid
+    try:
+        row = reader.run_row()
+    finally:
+        reader.close()
     if row is None:
         raise integrity.DamagedFile(
             f"{run_dir / DB_FILE}: holds no run (the runs table is empty); it cannot be resumed, "
             "start it again with `selfloop run`"
         )
-    data, rewritten = integrity.authoritative_config(run_dir, row["config"])
+    data, missing = integrity.authoritative_config(run_dir, row["config"])
     label = str(run_dir / CONFIG_FILE)
     config = config_from_dict(data, source_dir=run_dir, label=label)
     if overrides:
@@ -651,7 +648,17 @@ def _resume_locked(run_dir: Path, writer: Store, lock: RunLock, extra_plugins: l
     if not model_path or not Path(model_path).exists():
         model_path = resolve_model_path(config, comps)
     # Everything is validated: from here on the run is changed.
-    if rewritten:
+    writer = Store.open(run_dir / DB_FILE)
+    try:
+        _apply_resume_changes(run_dir, writer, missing, redo, overrides, config, comps)
+    finally:
+        writer.close()
+    return Runner(run_dir, config, comps, model_path, resumed=True, lock=lock)
+
+
+def _apply_resume_changes(run_dir, writer, missing, redo, overrides, config, comps) -> None:
+    if missing:
+        integrity.write_config_file(run_dir, json.loads(writer.run_row()["config"]))
         writer.add_event(None, None, "info", f"{CONFIG_FILE} was missing: written again from the database")
     if redo is not None:
         writer.add_event(None, None, "info", integrity.redo(writer, run_dir, redo), data={"redo": redo})
@@ -662,4 +669,3 @@ def _resume_locked(run_dir: Path, writer: Store, lock: RunLock, extra_plugins: l
         integrity.write_config_file(run_dir, new)
         writer.add_event(None, None, "info", "config changed on resume: " + ", ".join(overrides),
                          data={"overrides": list(overrides)})
-    return Runner(run_dir, config, comps, model_path, resumed=True, lock=lock)

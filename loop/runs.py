@@ -17,7 +17,7 @@ from pathlib import Path
 
 from loop import components as c
 from loop import plugins
-from loop.config import RunConfig, load_config
+from loop.config import RunConfig, config_from_dict, load_config
 from loop.errors import ConfigError, UserError
 from loop.store import Store
 
@@ -206,6 +206,27 @@ def _refuse_existing(config: RunConfig, replace: bool) -> None:
             f"{config.run_dir} already exists: `selfloop resume {config.run_dir}` continues it, "
             "or choose another name (--set name=NEW)"
         )
+
+
+def require_run_folder(run_dir: Path) -> None:
+    if not (Path(run_dir) / DB_FILE).is_file():
+        raise UserError(
+            f"{run_dir}: not a selfloop run folder (no {DB_FILE}); give the folder "
+            "`selfloop run` made, e.g. runs/NAME"
+        )
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """A run's config as its database stores it (the authority; config.json is a copy)."""
+    run_dir = Path(run_dir)
+    require_run_folder(run_dir)
+    store = Store.open_readonly(run_dir / DB_FILE)
+    try:
+        row = store.run_row() or {}
+    finally:
+        store.close()
+    data = json.loads(row.get("config") or "{}")
+    return config_from_dict(data, source_dir=run_dir, label=str(run_dir / CONFIG_FILE))
 
 
 # Fields a resume may not change: they define which run this is.
