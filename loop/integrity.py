@@ -25,7 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from loop.errors import UserError
-from loop.runs import CONFIG_FILE, DB_FILE
+
+CONFIG_FILE = "config.json"  # a copy of the config, for people
+DB_FILE = "run.db"  # the authority
 
 
 class DamagedFile(UserError):
