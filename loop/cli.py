@@ -222,10 +222,9 @@ def status(run_dir, as_json, all_metrics):
 
 def _show(run_dir, data_fn, table_fn, as_json: bool, width: int | None = None) -> None:
     """Read a run (read-only) with ``data_fn``; print JSON or ``table_fn``'s table."""
+    from loop.integrity import reading
     from loop.monitor import open_reader
     from rich.console import Console
-
-    from loop.integrity import reading
 
     with reading(run_dir):
         store = open_reader(run_dir)

@@ -25,7 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from loop.errors import UserError
-from loop.runs import CONFIG_FILE, DB_FILE
+
+CONFIG_FILE = "config.json"  # a copy of the config, for people
+DB_FILE = "run.db"  # the authority
 
 
 class DamagedFile(UserError):
@@ -99,14 +101,13 @@ def write_config_file(run_dir: Path, data: dict) -> None:
 def authoritative_config(run_dir: Path, stored: str) -> tuple[dict, bool]:
     """The run's config from the database (``runs.config``), after checking config.json.
 
-    Returns (config, rewritten): ``rewritten`` when config.json was missing and has been
-    written again from the database.
+    Returns (config, missing): ``missing`` when there is no config.json (the caller
+    writes it again from the database once the resume is validated).
     """
     run_dir = Path(run_dir)
     data = json.loads(stored)
     path = run_dir / CONFIG_FILE
     if not path.exists():
-        write_config_file(run_dir, data)
         return data, True
     try:
         on_disk = json.loads(path.read_text(encoding="utf-8"))
@@ -218,6 +219,23 @@ def _round_tables(db) -> list[str]:
     return tables
 
 
+def _remove_round_files(run_dir: Path, first: int) -> None:
+    """Adapter folders (``adapters/round-M``, a half-written ``.round-M.tmp``) and update
+    caches (``cache/ref-round-M-*``: reference log-probs keyed by pair ids, which a redone
+    round reuses) of every round from ``first`` on."""
+    for sub in ("adapters", "cache"):
+        folder = run_dir / sub
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            m = re.search(r"(?:^|[.-])round-(\d+)(?=$|[.-])", entry.name)
+            if m and int(m.group(1)) >= first:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
 def redo(store, run_dir: Path, spec: str) -> str:
     """Discard ``round-N.PHASE`` and everything after it; returns what was done, for the log.
 
@@ -264,12 +282,7 @@ def redo(store, run_dir: Path, spec: str) -> str:
         if "update" in later and r > 0:
             db.execute("update rounds set policy = null, adapter = null where round = ?", [r])
     first_gone = r if ("update" in later and r > 0) else r + 1
-    adapters = run_dir / "adapters"
-    if adapters.is_dir():
-        for folder in adapters.iterdir():
-            m = re.match(r"^\.?round-(\d+)(\.tmp)?$", folder.name)
-            if m and int(m.group(1)) >= first_gone:
-                shutil.rmtree(folder, ignore_errors=True)
+    _remove_round_files(run_dir, first_gone)
     counts = ", ".join(f"{t} {n}" for t, n in sorted(removed.items()) if n)
     return (f"redo {spec}: discarded round {r} from {phase} on and every later round "
-            f"(rows removed: {counts or 'none'}; adapters from round {first_gone} on)")
+            f"(rows removed: {counts or 'none'}; adapters and caches from round {first_gone} on)")

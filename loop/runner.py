@@ -12,7 +12,6 @@ stored results as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -27,7 +26,7 @@ from loop import components as c
 from loop import guards, heldout, integrity, judge_quality, observers, plugins
 from loop.blame import ComponentFailed, blame, check_result, describe
 from loop.combine import combine
-from loop.config import RunConfig, config_from_dict
+from loop.config import RunConfig
 from loop.context import Context
 from loop.diskfull import DiskFull, Reserve, disk_full, is_disk_full
 from loop.errors import PhaseFailed, SelfloopError, UserError
@@ -43,7 +42,10 @@ from loop.runs import (  # noqa: F401 - re-exported: loop.runner is the entry po
     build_components,
     check_runs_dir,
     create_run,
+    load_run_config,
     prepare,
+    reopen_run,
+    require_run_folder,
     resolve_model_path,
     resolved_config,
 )
@@ -732,71 +734,10 @@ def start(config_path: str | None, overrides=(), *, data: dict | None = None, ex
 
 def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
            redo: str | None = None, build_progress=None) -> Runner:
-    """Continue a run (the caller runs the returned Runner).
-
-    The run's lock is taken first, so a refused resume changes nothing. The database's
-    copy of the config is the authority (a differing config.json is refused, see
-    loop/integrity.py). ``overrides`` (``--set``) may change options for the phases still
-    to run (say, a judge's max_new_tokens after a failure); the change is saved in
-    config.json and the runs table, and logged as an event. ``redo`` (``round-N.PHASE``)
-    discards that phase and everything after it first, so they run again.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / DB_FILE).is_file():
-        raise UserError(
-            f"{run_dir}: not a selfloop run folder (no {DB_FILE}); give the folder "
-            "`selfloop run` made, e.g. runs/NAME"
-        )
-    if redo is not None:
-        integrity.parse_redo(redo)  # a typo is refused before anything is touched
-    lock = RunLock(run_dir)
-    lock.acquire()
-    try:
-        integrity.check_database(run_dir / DB_FILE)
-        writer = Store.open(run_dir / DB_FILE)
-        try:
-            runner = _resume_locked(run_dir, writer, lock, list(extra_plugins), list(overrides), redo,
-                                    build_progress)
-        finally:
-            writer.close()
-    except BaseException:
-        lock.release()
-        raise
-    return runner
-
-
-def _resume_locked(run_dir: Path, writer: Store, lock: RunLock, extra_plugins: list[str],
-                   overrides: list[str], redo: str | None, build_progress=None) -> Runner:
-    row = writer.run_row()
-    if row is None:
-        raise integrity.DamagedFile(
-            f"{run_dir / DB_FILE}: holds no run (the runs table is empty); it cannot be resumed, "
-            "start it again with `selfloop run`"
-        )
-    data, rewritten = integrity.authoritative_config(run_dir, row["config"])
-    label = str(run_dir / CONFIG_FILE)
-    config = config_from_dict(data, source_dir=run_dir, label=label)
-    if overrides:
-        config = _override_saved(run_dir, data, overrides)
-    # The saved runs_dir may be relative to where the run started; the run folder's parent
-    # is where it is now (the model cache lives there too), whatever the current folder.
-    config.runs_dir = str(run_dir.resolve().parent)
-    for p in extra_plugins:
-        plugins.load_plugin_file(p)
-    comps = build_components(config)
-    model_path = row.get("model_path")
-    if not model_path or not Path(model_path).exists():
-        model_path = resolve_model_path(config, comps, progress=build_progress)
-    # Everything is validated: from here on the run is changed.
-    if rewritten:
-        writer.add_event(None, None, "info", f"{CONFIG_FILE} was missing: written again from the database")
-    if redo is not None:
-        writer.add_event(None, None, "info", integrity.redo(writer, run_dir, redo), data={"redo": redo})
-    if overrides:
-        new = resolved_config(config, comps)
-        with writer.transaction() as db:
-            db.execute("update runs set config = ? where id = 1", [json.dumps(new, sort_keys=True)])
-        integrity.write_config_file(run_dir, new)
-        writer.add_event(None, None, "info", "config changed on resume: " + ", ".join(overrides),
-                         data={"overrides": list(overrides)})
+    """Continue a run (the caller runs the returned Runner); see ``loop.runs.reopen_run``:
+    the lock is taken first, the database's config is the authority, ``overrides``
+    (``--set``) and ``redo`` (``round-N.PHASE``) are applied once everything is valid."""
+    run_dir, config, comps, model_path, lock = reopen_run(
+        run_dir, extra_plugins=extra_plugins, overrides=overrides, redo=redo,
+        build_progress=build_progress)
     return Runner(run_dir, config, comps, model_path, resumed=True, lock=lock)

@@ -4,6 +4,9 @@
 written; ``resolve_model_path`` finds or builds the base model; ``create_run`` makes
 ``<runs_dir>/<name>`` atomically (built in a temp folder, then renamed), with the
 resolved config saved in ``config.json`` and in the database. ``loop.runner`` runs it.
+``reopen_run`` (for ``resume``) takes the run's lock first, validates everything from the
+database's copy of the config (loop/integrity.py), and only then applies ``--redo`` and
+``--set``.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loop import components as c
-from loop import plugins
-from loop.config import RunConfig, load_config
+from loop import integrity, plugins
+from loop.config import RunConfig, config_from_dict, load_config
 from loop.errors import ConfigError, UserError
+from loop.integrity import CONFIG_FILE, DB_FILE
+from loop.lock import RunLock
 from loop.store import Store
 
-CONFIG_FILE = "config.json"
-DB_FILE = "run.db"
 
 @dataclass
 class Stage:
@@ -295,6 +298,27 @@ def _refuse_existing(config: RunConfig, replace: bool) -> None:
         )
 
 
+def require_run_folder(run_dir: Path) -> None:
+    if not (Path(run_dir) / DB_FILE).is_file():
+        raise UserError(
+            f"{run_dir}: not a selfloop run folder (no {DB_FILE}); give the folder "
+            "`selfloop run` made, e.g. runs/NAME"
+        )
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """A run's config as its database stores it (the authority; config.json is a copy)."""
+    run_dir = Path(run_dir)
+    require_run_folder(run_dir)
+    store = Store.open_readonly(run_dir / DB_FILE)
+    try:
+        row = store.run_row() or {}
+    finally:
+        store.close()
+    data = json.loads(row.get("config") or "{}")
+    return config_from_dict(data, source_dir=run_dir, label=str(run_dir / CONFIG_FILE))
+
+
 # Fields a resume may not change: they define which run this is.
 FROZEN_ON_RESUME = ("name", "seed", "model", "runs_dir")
 
@@ -315,3 +339,85 @@ def _override_saved(run_dir: Path, data: dict, overrides: list[str]) -> RunConfi
     data = json.loads(json.dumps(data))  # a copy: the caller's stays as stored
     return load_config(label, overrides, data=data).model_copy(
         update={"source_dir": run_dir, "source_file": label})
+
+
+# ---------------------------------------------------------------------------
+# Reopening a run (resume): the lock first, then validation, then changes
+# ---------------------------------------------------------------------------
+
+
+def reopen_run(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
+               redo: str | None = None, build_progress=None) -> tuple:
+    """Reopen a run folder for ``loop.runner.resume``: (run_dir, config, components,
+    model_path, the held RunLock).
+
+    The run's lock is taken first, so a refused resume changes nothing. The database's
+    copy of the config is the authority (a differing config.json is refused, see
+    loop/integrity.py). ``overrides`` (``--set``) may change options for the phases still
+    to run (say, a judge's max_new_tokens after a failure); the change is saved in
+    config.json and the runs table, and logged as an event. ``redo`` (``round-N.PHASE``)
+    discards that phase and everything after it first, so they run again.
+    """
+    run_dir = Path(run_dir)
+    require_run_folder(run_dir)
+    if redo is not None:
+        integrity.parse_redo(redo)  # a typo is refused before anything is touched
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        return _resume_locked(run_dir, lock, list(extra_plugins), list(overrides), redo,
+                              build_progress)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _resume_locked(run_dir: Path, lock: RunLock, extra_plugins: list[str],
+                   overrides: list[str], redo: str | None, build_progress=None) -> tuple:
+    integrity.check_database(run_dir / DB_FILE)
+    reader = Store.open_readonly(run_dir / DB_FILE)  # nothing is written until all is valid
+    try:
+        row = reader.run_row()
+    finally:
+        reader.close()
+    if row is None:
+        raise integrity.DamagedFile(
+            f"{run_dir / DB_FILE}: holds no run (the runs table is empty); it cannot be resumed, "
+            "start it again with `selfloop run`"
+        )
+    data, missing = integrity.authoritative_config(run_dir, row["config"])
+    label = str(run_dir / CONFIG_FILE)
+    config = config_from_dict(data, source_dir=run_dir, label=label)
+    if overrides:
+        config = _override_saved(run_dir, data, overrides)
+    # The saved runs_dir may be relative to where the run started; the run folder's parent
+    # is where it is now (the model cache lives there too), whatever the current folder.
+    config.runs_dir = str(run_dir.resolve().parent)
+    for p in extra_plugins:
+        plugins.load_plugin_file(p)
+    comps = build_components(config)
+    model_path = row.get("model_path")
+    if not model_path or not Path(model_path).exists():
+        model_path = resolve_model_path(config, comps, progress=build_progress)
+    # Everything is validated: from here on the run is changed.
+    writer = Store.open(run_dir / DB_FILE)
+    try:
+        _apply_resume_changes(run_dir, writer, missing, redo, overrides, config, comps)
+    finally:
+        writer.close()
+    return run_dir, config, comps, model_path, lock
+
+
+def _apply_resume_changes(run_dir, writer, missing, redo, overrides, config, comps) -> None:
+    if missing:
+        integrity.write_config_file(run_dir, json.loads(writer.run_row()["config"]))
+        writer.add_event(None, None, "info", f"{CONFIG_FILE} was missing: written again from the database")
+    if redo is not None:
+        writer.add_event(None, None, "info", integrity.redo(writer, run_dir, redo), data={"redo": redo})
+    if overrides:
+        new = resolved_config(config, comps)
+        with writer.transaction() as db:
+            db.execute("update runs set config = ? where id = 1", [json.dumps(new, sort_keys=True)])
+        integrity.write_config_file(run_dir, new)
+        writer.add_event(None, None, "info", "config changed on resume: " + ", ".join(overrides),
+                         data={"overrides": list(overrides)})

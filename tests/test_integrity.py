@@ -260,8 +260,13 @@ def test_redo_of_an_earlier_phase_discards_everything_after_it(tmp_path, referen
     evaluation and all of round 2 in one transaction, and the resume rebuilds them equal."""
     run_dir = copy_run(reference[0], tmp_path)
     db = run_dir / "run.db"
+    cache = run_dir / "cache"  # an updater's reference log-probs, keyed by round and pair ids
+    cache.mkdir()
+    for name in ("ref-round-1-pairs.safetensors", "ref-round-2-pairs.safetensors", "keep.bin"):
+        (cache / name).write_bytes(b"x")
     result = cli_inprocess("resume", str(run_dir), "--redo", "round-1.judge", "--progress", "off")
     assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ["keep.bin"]
     attempts = {(r["round"], r["phase"]): r["attempt"] for r in rows(db, "select * from phases")}
     assert attempts[(1, "generate")] == 1 and attempts[(1, "judge")] == 1  # the row was removed
     assert count(db, "select count(*) from events where message like 'redo round-1.judge:%judgments%'") == 1
