@@ -42,12 +42,21 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("selfloop watch runs/demo --once", "draw it once and exit (a snapshot in a log)"),
     ],
     "report": [
-        ("selfloop report runs/demo", "one row per round: accuracy, agreement, pairs, margin"),
+        ("selfloop report runs/demo", "one row per round: every evaluator, parse failures, examples, loss"),
         ("selfloop report runs/demo --json", "the same rows as JSON"),
+        ("selfloop report runs/demo --html report.html --png plots",
+         "one offline page with every plot, and each plot as a PNG"),
+    ],
+    "compare": [
+        ("selfloop compare runs/demo runs/mine", "key metrics per round side by side, config differences"),
+        ("selfloop compare runs/a runs/b runs/c --html compare.html", "every metric's curves overlaid"),
     ],
     "export": [
-        ("selfloop export runs/demo -o pairs.jsonl", "every selected preference pair, as JSONL"),
-        ("selfloop export runs/demo --round 2 -o round2.jsonl", "only round 2's pairs"),
+        ("selfloop export runs/demo --format trl-dpo -o pairs.jsonl",
+         "selected pairs as TRL's conversational DPO rows (system prompt included)"),
+        ("selfloop export runs/demo --format trl-kto --round 2 -o round2.parquet",
+         "only round 2, labelled answers, as Parquet"),
+        ("selfloop export runs/demo -o pairs.jsonl --force", "plain JSONL, replacing an existing file"),
     ],
     "plugins": [
         ("selfloop plugins", "loaded plugins, their hooks and the components they register"),

@@ -57,7 +57,7 @@ def test_options_of_a_builtin_component():
     assert rows["max_model_len"]["type"] == "int | None (>= 16)"
     # a name two kinds share lists both; KIND/NAME picks one; an unknown name is exit 2
     both = json.loads(CliRunner().invoke(cli, ["plugins", "--options", "tinyworld", "--json"]).output)
-    assert {d["kind"] for d in both} == {"model_builder", "prompt_source", "evaluator"}
+    assert {d["kind"] for d in both} == {"model_builder", "prompt_source", "evaluator", "judge"}
     one = json.loads(CliRunner().invoke(cli, ["plugins", "--options", "evaluator/tinyworld",
                                               "--json"]).output)
     assert [d["kind"] for d in one] == ["evaluator"]

@@ -208,7 +208,8 @@ class ConstitutionalJudge(loop.Judge):
         critique_template: template_option("prompt", "response", "request",
                                            optional=("examples",)) = "cai_critique"
         revision_template: template_option("prompt", "response", "critique", "request",
-                                           optional=("examples",)) = "cai_revision"
+                                           optional=("examples",)) = Field(
+            "cai_revision", description="revision prompt using {prompt, response, critique, request}")
         # Worked examples from the constitution file's [[examples]] shown before each
         # critique and revision request (0: none).
         few_shot: int = Field(2, ge=0)

@@ -83,7 +83,7 @@ class TrainedRMJudge(loop.Judge):
         from_judges: list[str] = Field(default_factory=list)
         # Subtract the pair's stored score margin times margin_scale (Llama 2's margin).
         margin: bool = False
-        margin_scale: float = Field(1.0, ge=0.0)
+        margin_scale: float = Field(1.0, ge=0.0, description="weight of the stored score margin subtracted in the loss")
         # Label smoothing of the Bradley-Terry loss (assumed label-flip rate).
         label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
         # Share of pairs held out for rm/accuracy and rm/loss (0: no evaluation).
@@ -94,7 +94,7 @@ class TrainedRMJudge(loop.Judge):
         base: str = "policy"
         # Candidates per scoring pass.
         score_batch_size: int = Field(32, ge=1)
-        train: RMTrainOptions = RMTrainOptions()
+        train: RMTrainOptions = Field(RMTrainOptions(), description="how the reward model is trained (LoRA, steps, learning rate)")
 
     def setup(self, ctx) -> None:
         self._policy = None

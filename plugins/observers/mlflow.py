@@ -34,7 +34,7 @@ class MLflowTracker(Tracker):
         tracking_uri: str | None = None  # None: MLflow's own default (MLFLOW_TRACKING_URI)
         experiment: str = "selfloop"  # created when missing
         run_name: str | None = None  # default: the selfloop run's name
-        tags: dict[str, str] = {}
+        tags: dict[str, str] = {}  # extra MLflow run tags
 
         _needs = needs("mlflow", "mlflow")
 

@@ -23,9 +23,9 @@ class TrackioTracker(Tracker):
     supports_artifacts = True
 
     class Options(Tracker.Options):
-        project: str = "selfloop"
+        project: str = "selfloop"  # the trackio project the run is logged to
         run_name: str | None = None  # default: the selfloop run's name
-        group: str | None = None
+        group: str | None = None  # trackio run group
 
         _needs = needs("trackio", "trackio")
 

@@ -25,11 +25,11 @@ class WandbTracker(Tracker):
     supports_artifacts = True
 
     class Options(Tracker.Options):
-        project: str = "selfloop"
+        project: str = "selfloop"  # the W&B project the run is logged to
         entity: str | None = None  # team or user; W&B's default when unset
         run_name: str | None = None  # default: the selfloop run's name
-        group: str | None = None
-        tags: list[str] = []
+        group: str | None = None  # W&B run group (e.g. one per sweep)
+        tags: list[str] = []  # W&B tags on the run
         mode: Literal["online", "offline", "disabled"] | None = None  # None: W&B's (WANDB_MODE)
         dir: str | None = None  # where W&B writes its wandb/ folder; default: the run folder
 

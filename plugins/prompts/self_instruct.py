@@ -88,7 +88,7 @@ class SelfInstructPrompts(loop.PromptSource):
             "n-gram overlap at or above which a new prompt is a near-duplicate (dropped)"))
         # Length limits in words (Self-Instruct drops too short and too long instructions).
         min_words: int = Field(3, ge=1)
-        max_words: int = Field(150, ge=1)
+        max_words: int = Field(150, ge=1, description="longest new prompt kept, in words")
         # Prompts holding one of these words are dropped (the paper's list: tasks a text
         # model cannot do); [] keeps everything.
         exclude_words: list[str] = ["image", "images", "graph", "graphs", "picture", "pictures",
