@@ -133,11 +133,17 @@ def authoritative_config(run_dir: Path, stored: str) -> tuple[dict, bool]:
 # ---------------------------------------------------------------------------
 
 
+# Documentation beside the weights (loop/model_card.py): it names the run's folder, so two
+# runs that trained the same adapter differ there, and editing it harms nothing.
+UNHASHED = {"README.md"}
+
+
 def hash_folder(folder: Path) -> dict[str, tuple[str, int]]:
-    """{file name: (sha256, bytes)} for every file directly in ``folder``."""
+    """{file name: (sha256, bytes)} for every file directly in ``folder`` (the model card
+    excepted: ``UNHASHED``)."""
     out = {}
     for f in sorted(Path(folder).iterdir()):
-        if f.is_file():
+        if f.is_file() and f.name not in UNHASHED:
             h = hashlib.sha256()
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):

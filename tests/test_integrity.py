@@ -72,7 +72,7 @@ def copy_run(src: Path, tmp_path: Path) -> Path:
 
 def snapshot(run_dir: Path, runs: Path):
     return (db_snapshot(run_dir / "run.db", replace={str(runs): "<RUNS>"}),
-            tree_snapshot(run_dir / "adapters"))
+            tree_snapshot(run_dir / "adapters", {str(runs): "<RUNS>"}))
 
 
 def sha(path: Path) -> str:
