@@ -737,7 +737,13 @@ def resume(run_dir: str | Path, extra_plugins=(), overrides: list[str] = (),
     """Continue a run (the caller runs the returned Runner); see ``loop.runs.reopen_run``:
     the lock is taken first, the database's config is the authority, ``overrides``
     (``--set``) and ``redo`` (``round-N.PHASE``) are applied once everything is valid."""
-    run_dir, config, comps, model_path, lock = reopen_run(
-        run_dir, extra_plugins=extra_plugins, overrides=overrides, redo=redo,
-        build_progress=build_progress)
+    try:
+        run_dir, config, comps, model_path, lock = reopen_run(
+            run_dir, extra_plugins=extra_plugins, overrides=overrides, redo=redo,
+            build_progress=build_progress)
+    except Exception as e:
+        if not is_disk_full(e) or isinstance(e, DiskFull):
+            raise
+        raise disk_full(Path(run_dir), "reopening the run",
+                        f"`selfloop resume {run_dir}` again (nothing was changed)") from e
     return Runner(run_dir, config, comps, model_path, resumed=True, lock=lock)
