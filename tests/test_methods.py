@@ -94,7 +94,8 @@ def test_stages_choose_each_rounds_updater(tmp_path):
 
     saved = json.loads((run_dir / "config.json").read_text())
     assert [s["updater"] for s in saved["stages"]] == [
-        {"name": "fake", "steps": 1, "sleep": 0.0}, {"name": "fake", "steps": 2, "sleep": 0.0}]
+        {"name": "fake", "steps": 1, "sleep": 0.0, "nan_at": -1},
+        {"name": "fake", "steps": 2, "sleep": 0.0, "nan_at": -1}]
 
 
 def test_stages_must_cover_the_rounds(tmp_path):
