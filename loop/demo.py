@@ -11,6 +11,7 @@ seconds.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -53,7 +54,8 @@ def run_demo(rounds: int = 3, name: str = "demo", overrides: list[str] = (), pro
             rows.extend(report_data(store))
         finally:
             store.close()
-        Console().print(report_table(rows))
+        # A pipe gets 160 columns, as `selfloop report` does (rich's 80 would squeeze it).
+        Console(width=None if sys.stdout.isatty() else 160).print(report_table(rows))
 
     execute(make_runner, progress, report=report)
     return rows

@@ -34,7 +34,8 @@ def test_demo_prints_the_per_round_table(demo_run):
     for column in ("held-out", "accuracy", "judge", "agreement", "pairs", "margin", "seconds"):
         assert column in out, out
     # One row for round 0 (the seed model), one for each of rounds 1 and 2.
-    rows = [line for line in out.splitlines() if line.strip().startswith(("│     0", "│     1", "│     2"))]
+    rows = [line for line in out.splitlines()
+            if line.strip(" │").split(" ", 1)[0] in ("0", "1", "2") and "%" in line]
     assert len(rows) == 3, out
 
 

@@ -61,7 +61,10 @@ def rm_training(run_dir) -> bool:
         rows = q(db, "select status, done from phases where round = 2 and phase = 'judge'")
     except Exception:  # the database is being created
         return False
-    return bool(rows) and rows[0]["status"] == "running" and (rows[0]["done"] or 0) >= 1
+    # The reward model trains first thing in the judge phase: killed as soon as the phase
+    # runs (its progress rows are throttled, and on a quiet machine the training can end
+    # before the first one lands).
+    return bool(rows) and rows[0]["status"] == "running"
 
 
 @pytest.mark.timeout(1800)  # two runs of two rounds: a hang guard for a loaded machine
