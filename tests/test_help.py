@@ -72,7 +72,7 @@ def test_every_builtin_option_is_explained():
     # Built-ins only: the test plugins other tests load into this process are not shipped.
     missing = [f"{kind}/{name}.{row['name']}"
                for kind, by_name in plugins.registry().components.items()
-               for name, cls in by_name.items() if cls.__module__ in plugins.BUILTINS
+               for name, cls in by_name.items() if cls.plugin in plugins.BUILTINS
                for row in option_rows(kind, cls) if not row["description"]]
     assert not missing, f"add Field(description=...) to: {missing}"
 
