@@ -37,6 +37,7 @@ from loop.components import (
     TrainStep,
     Updater,
     UpdateResult,
+    chats_done,
     progress_callback,
 )
 from loop.errors import ConfigError, PluginError, SelfloopError, UserError
@@ -75,5 +76,6 @@ __all__ = [
     "Updater",
     "UpdateResult",
     "UserError",
+    "chats_done",
     "progress_callback",
 ]

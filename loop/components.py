@@ -341,6 +341,24 @@ def progress_callback(ctx: Context, progress: bool | Callable[[int, int], None]
     return None
 
 
+def chats_done(ctx: Context, progress: bool | Callable[[int, int], None],
+               total: int) -> Callable[[int], None] | None:
+    """``finished(k)`` for a generator: k of its ``total`` chats are done. Reports the total
+    at once, then each new count once (never backwards); None when progress is off."""
+    report = progress_callback(ctx, progress)
+    if report is None:
+        return None
+    done = [0]
+
+    def finished(count: int) -> None:
+        if count > done[0]:
+            done[0] = count
+            report(count, total)
+
+    report(0, total)  # the total, before the first chat is done
+    return finished
+
+
 class PromptSource(Component):
     kind = "prompt_source"
 

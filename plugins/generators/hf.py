@@ -149,16 +149,7 @@ class HFGenerator(loop.Generator):
         tok = policy.tokenizer
         prompts = [encode_prompt(tok, chat) for chat in chats]
         size = self.options.batch_size
-        report = loop.progress_callback(ctx, progress)
-        done = [0]
-
-        def finished(count: int) -> None:  # chats done so far, each reported once
-            if report is not None and count > done[0]:
-                done[0] = count
-                report(count, len(prompts))
-
-        if report is not None:
-            report(0, len(prompts))  # the total, before the first chat is done
+        finished = loop.chats_done(ctx, progress, len(prompts))  # chats done so far
         copies = 1 if sampling.temperature <= 0.0 else sampling.n
         results: list[list[loop.Completion]] = []
         with policy.using(adapter) as model:
@@ -167,12 +158,13 @@ class HFGenerator(loop.Generator):
                 batch = prompts[start : start + size]
                 seed = derive_seed(sampling.seed, "batch", index)
                 watch = None
-                if report is not None:
+                if finished is not None:
                     watch = _FinishedChats(stops, copies, sampling.max_new_tokens,
                                            lambda k, s=start: finished(s + k))
                 results.extend(
                     self._generate_batch(model, tok, batch, sampling, stops, seed, watch))
-                finished(start + len(batch))
+                if finished is not None:
+                    finished(start + len(batch))
         return results
 
     def _generate_batch(self, model, tok, prompts, sampling, stops, seed, watch=None):

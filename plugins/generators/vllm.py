@@ -422,20 +422,11 @@ class VLLMGenerator(loop.Generator):
         ]
         size = self.options.batch_size
         stop_set = set(stops)
-        report = loop.progress_callback(ctx, progress)
-        done = [0]
-
-        def finished(count: int) -> None:  # chats done so far, each reported once
-            if report is not None and count > done[0]:
-                done[0] = count
-                report(count, len(prompts))
-
-        if report is not None:
-            report(0, len(prompts))  # the total, before the first chat is done
+        finished = loop.chats_done(ctx, progress, len(prompts))  # chats done so far
         results: list[list[loop.Completion]] = []
         for start in range(0, len(prompts), size):
             counter = False  # vLLM's own tqdm bar: never
-            if report is not None:
+            if finished is not None:
                 counter = _FinishedRequests.factory(lambda k, s=start: finished(s + k))
             outs = llm.generate(prompts[start : start + size], params[start : start + size],
                                 lora_request=request, use_tqdm=counter)
@@ -444,7 +435,8 @@ class VLLMGenerator(loop.Generator):
                 if greedy:  # n separate records of the one greedy path
                     samples = [dataclasses.replace(samples[0]) for _ in range(sampling.n)]
                 results.append(samples)
-            finished(min(start + size, len(prompts)))
+            if finished is not None:
+                finished(min(start + size, len(prompts)))
         return results
 
     def logprobs(
