@@ -26,7 +26,7 @@ from pydantic import Field
 
 import loop
 from plugins.sequences import hidden_pass, per_sequence, scored_token_logps
-from plugins.updaters.training import LoRAOptions, encode, require_selected
+from plugins.updaters.training import LoRAOptions, encode, read_cache, require_selected, write_cache
 
 
 class RLOptions(LoRAOptions):
@@ -87,22 +87,16 @@ def token_pass(
     candidates' ids and lengths; temp file, then rename), so a resumed update phase reads
     them back; units without ids (component tests) are never stored.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     opts = updater.options
     ids = torch.tensor([-1 if k is None else int(k) for k in keys], dtype=torch.int64)
     lengths = torch.tensor([len(r) for _, r in encoded], dtype=torch.int64)
     cacheable = all(k is not None for k in keys) and ctx.store is not None
     path = Path(ctx.run_dir) / "cache" / f"{tag}-round-{ctx.round}.safetensors"
     meta = {"adapter": str(adapter), "max_length": str(opts.max_length)}
-    if cacheable and path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            stored_meta = f.metadata() or {}
-        stored = load_file(str(path))
-        if stored_meta == meta and torch.equal(stored["ids"], ids):
-            return {k: list(torch.split(v, lengths.tolist())) for k, v in stored.items()
-                    if k not in ("ids", "lengths")}
+    stored = read_cache(path, meta, ids) if cacheable else None
+    if stored is not None:
+        return {k: list(torch.split(v, lengths.tolist())) for k, v in stored.items()
+                if k not in ("ids", "lengths")}
     policy = ctx.policy()
     pad = policy.tokenizer.pad_token_id
     flat: dict[str, list[torch.Tensor]] = {"logps": [], "values": []}
@@ -124,13 +118,7 @@ def token_pass(
                 flat["values"].append(values[order].float().cpu())
     tensors = {k: torch.cat(v) for k, v in flat.items() if v}
     if cacheable:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"ids": ids, "lengths": lengths, **{k: v.contiguous() for k, v in tensors.items()}},
-                  str(tmp), metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_cache(path, {"ids": ids, "lengths": lengths, **tensors}, meta)
     return {k: list(torch.split(v, lengths.tolist())) for k, v in tensors.items()}
 
 

@@ -292,22 +292,15 @@ def reference_logps(
     of recomputing. Units without ids (component tests) are never cached. Returns the
     tensor and whether it came from the cache.
     """
-    from safetensors.torch import load_file, save_file
-
     opts = updater.options
     ids = torch.tensor([-1 if k is None else int(k) for k in keys], dtype=torch.int64)
     cacheable = all(k is not None for k in keys) and ctx.store is not None
     path = Path(ctx.run_dir) / "cache" / f"ref-round-{ctx.round}-{tag}.safetensors"
     adapter, _ = reference_adapter(updater, ctx)
     meta = {"adapter": str(adapter), "max_length": str(opts.max_length)}
-    if cacheable and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            stored_meta = f.metadata() or {}
-        stored = load_file(str(path))
-        if stored_meta == meta and torch.equal(stored["ids"], ids):
-            return stored["logps"], True
+    stored = read_cache(path, meta, ids) if cacheable else None
+    if stored is not None:
+        return stored["logps"], True
     policy = ctx.policy()
     tok = policy.tokenizer
     width = len(sequences[0]) if sequences else 0
@@ -324,13 +317,36 @@ def reference_logps(
                 )
             out[start : start + len(chunk)] = logps.cpu().view(len(chunk), width)
     if cacheable:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"ids": ids, "logps": out.contiguous()}, str(tmp), metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_cache(path, {"ids": ids, "logps": out}, meta)
     return out, False
+
+
+def read_cache(path: Path, meta: dict[str, str], ids: torch.Tensor) -> dict | None:
+    """The tensors of a per-round cache file (``<run_dir>/cache/...``) when it exists and
+    was written for these ``ids`` with this ``meta`` (adapter, max_length); else None."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        stored_meta = f.metadata() or {}
+    stored = load_file(str(path))
+    if stored_meta == meta and torch.equal(stored["ids"], ids):
+        return stored
+    return None
+
+
+def write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write a cache file atomically: a temporary file, fsynced, then renamed."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def reward_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
