@@ -184,24 +184,16 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _labels_unique(self):
-        seen: set[str] = set()
-        for i, j in enumerate(self.judges):
-            label = j.label or j.name
-            if label in seen:
-                raise ValueError(
-                    f"judges[{i}]: two judges are labelled {label!r}; give each a distinct "
-                    "`label`"
-                )
-            seen.add(label)
-        seen = set()
-        for i, e in enumerate(self.evaluators):
-            label = e.label or e.name
-            if label in seen:
-                raise ValueError(
-                    f"evaluators[{i}]: two evaluators are labelled {label!r}; give each a "
-                    "distinct `label`"
-                )
-            seen.add(label)
+        for field in ("judges", "evaluators"):
+            seen: set[str] = set()
+            for i, spec in enumerate(getattr(self, field)):
+                label = spec.label or spec.name
+                if label in seen:
+                    raise ValueError(
+                        f"{field}[{i}]: two {field} are labelled {label!r}; give each a "
+                        "distinct `label`"
+                    )
+                seen.add(label)
         return self
 
     @property
