@@ -155,10 +155,10 @@ def hash_folder(folder: Path) -> dict[str, tuple[str, int]]:
 def record_adapter(db, round: int, adapter: str, files: dict[str, tuple[str, int]]) -> None:
     """Inside the update's commit: the installed adapter's files and hashes."""
     db.execute("delete from adapter_files where adapter = ?", [adapter])
-    for name, (sha, size) in files.items():
-        db["adapter_files"].insert(
-            {"round": round, "adapter": adapter, "file": name, "bytes": size, "sha256": sha}
-        )
+    db.conn.executemany(
+        "insert into adapter_files (round, adapter, file, bytes, sha256) values (?, ?, ?, ?, ?)",
+        [(round, adapter, name, size, sha) for name, (sha, size) in files.items()],
+    )
 
 
 def redo_hint(run_dir: Path, round: int) -> str:

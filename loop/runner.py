@@ -409,8 +409,9 @@ class Runner:
             raise UserError(f"round {ctx.round}: the prompt sources proposed no prompts; check [[prompts]]")
 
         def write(db):
-            for p in prompts:
-                self.store.insert_prompt(db, p, ctx.round)
+            with self.store.batch(db) as rows:
+                for p in prompts:
+                    rows.prompt(p, ctx.round)
             self.store.put_metrics(db, ctx.round, {"prompts/proposed": len(prompts)}, "runner", "propose")
 
         return write
@@ -441,23 +442,22 @@ class Runner:
             metrics.update(res.metrics)
 
         def write(db):
-            for p in new:
-                if p.id is None:
-                    p.source = p.source or "optimiser"
-                    self.store.insert_prompt(db, p, ctx.round)
-            for i, p in enumerate(prompts):
-                if p.id is None:
-                    self.store.insert_prompt(db, p, ctx.round)
-                db["round_prompts"].insert(
-                    {"round": ctx.round, "position": i, "prompt_id": p.id, "system": system or p.system}
-                )
-            for ins in instructions:
-                self.store.insert_instruction(db, ins, ctx.round)
-            for d in decisions:
-                for p in (d.prompt, d.rewrite):
+            with self.store.batch(db) as rows:
+                for p in new:
                     if p.id is None:
-                        self.store.insert_prompt(db, p, ctx.round)
-                self.store.insert_decision(db, d, ctx.round)
+                        p.source = p.source or "optimiser"
+                        rows.prompt(p, ctx.round)
+                for i, p in enumerate(prompts):
+                    if p.id is None:
+                        rows.prompt(p, ctx.round)
+                    rows.round_prompt(ctx.round, i, p.id, system or p.system)
+                for ins in instructions:
+                    rows.instruction(ins, ctx.round)
+                for d in decisions:
+                    for p in (d.prompt, d.rewrite):
+                        if p.id is None:
+                            rows.prompt(p, ctx.round)
+                    rows.decision(d, ctx.round)
             db.execute("update rounds set system = ? where round = ?", [deployed, ctx.round])
             self.store.put_metrics(db, ctx.round, metrics, "optimisers", "optimise")
 
@@ -497,8 +497,9 @@ class Runner:
         }
 
         def write(db):
-            for cand in cands:
-                self.store.insert_candidate(db, cand, ctx.round)
+            with self.store.batch(db) as rows:
+                for cand in cands:
+                    rows.candidate(cand, ctx.round)
             self.store.put_metrics(db, ctx.round, metrics, "runner", "generate")
 
         return write
@@ -539,13 +540,14 @@ class Runner:
             metrics["judge/mean_score"] = sum(valid) / len(valid)
 
         def write(db):
-            for cand in new_cands:
-                cand.policy = cand.policy or ctx.policy_label
-                self.store.insert_candidate(db, cand, ctx.round)
-            for j in judgments:
-                self.store.insert_judgment(db, j, ctx.round)
-            for p in offered:
-                self.store.insert_pair(db, p, ctx.round, selected=False)
+            with self.store.batch(db) as rows:
+                for cand in new_cands:
+                    cand.policy = cand.policy or ctx.policy_label
+                    rows.candidate(cand, ctx.round)
+                for j in judgments:
+                    rows.judgment(j, ctx.round)
+                for p in offered:
+                    rows.pair(p, ctx.round, selected=False)
             self.store.put_metrics(db, ctx.round, metrics, "judges", "judge")
 
         return write
@@ -592,10 +594,11 @@ class Runner:
         metrics.update(judge_quality.selection_figures(sel.pairs, cands, scores))
 
         def write(db):
-            for p in sel.pairs:
-                self.store.insert_pair(db, p, ctx.round, selected=True)
-            for s in sel.selected:
-                self.store.insert_selected(db, s, ctx.round)
+            with self.store.batch(db) as rows:
+                for p in sel.pairs:
+                    rows.pair(p, ctx.round, selected=True)
+                for s in sel.selected:
+                    rows.selected(s, ctx.round)
             self.store.put_metrics(db, ctx.round, metrics, selector.label, "select")
 
         return write
@@ -656,8 +659,9 @@ class Runner:
         metrics["train/steps"] = len(result.steps)
 
         def write(db):
-            for step in result.steps:
-                self.store.insert_train_step(db, step, ctx.round)
+            with self.store.batch(db) as rows:
+                for step in result.steps:
+                    rows.train_step(step, ctx.round)
             self.store.put_metrics(db, ctx.round, metrics, updater.label, "update")
             db.execute("update rounds set policy = ?, adapter = ?, reference = ? where round = ?",
                        [policy, adapter_rel, result.reference, ctx.round])

@@ -211,153 +211,64 @@ class Store:
 
     # -- writing a phase's results (inside commit_phase's transaction) ------------
 
+    @contextmanager
+    def batch(self, db=None) -> Iterator[Rows]:
+        """A phase's rows, inside the open transaction: added one by one (ids given at
+        once), written table by table with ``executemany`` when the block ends."""
+        rows = Rows(self.conn)
+        yield rows
+        rows.flush()
+
+    # One row at a time (kept for callers outside the phase writers; the same rows).
+
     def insert_prompt(self, db, p: c.Prompt, round: int) -> int:
-        if p.parent is not None and p.parent.id is None:
-            self.insert_prompt(db, p.parent, round)
-        p.round = round
-        p.id = db["prompts"].insert(
-            {
-                "round": round,
-                "text": p.text,
-                "system": p.system,
-                "source": p.source,
-                "kind": p.kind,
-                "parent_id": p.parent.id if p.parent else None,
-                "meta": _json(p.meta),
-                "answer": p.answer,
-            }
-        ).last_pk
-        return p.id
+        with self.batch() as b:
+            return b.prompt(p, round)
 
     def insert_candidate(self, db, cand: c.Candidate, round: int) -> int:
-        if cand.parent is not None and cand.parent.id is None:
-            self.insert_candidate(db, cand.parent, round)
-        if cand.prompt.id is None:
-            self.insert_prompt(db, cand.prompt, round)
-        cand.round = round
-        cand.id = db["candidates"].insert(
-            {
-                "round": round,
-                "prompt_id": cand.prompt.id,
-                "policy": cand.policy,
-                "sample_index": cand.sample_index,
-                "text": cand.text,
-                "num_tokens": cand.num_tokens,
-                "finish_reason": cand.finish_reason,
-                "logprob_sum": cand.logprob_sum,
-                "source": cand.source,
-                "parent_id": cand.parent.id if cand.parent else None,
-                "meta": _json(cand.meta),
-            }
-        ).last_pk
-        return cand.id
+        with self.batch() as b:
+            return b.candidate(cand, round)
 
     def insert_judgment(self, db, j: c.Judgment, round: int) -> int:
-        if j.candidate.id is None:
-            self.insert_candidate(db, j.candidate, round)
-        j.id = db["judgments"].insert(
-            {
-                "round": round,
-                "candidate_id": j.candidate.id,
-                "judge": j.judge,
-                "sample_index": j.sample_index,
-                "score": j.score,
-                "raw": j.raw,
-                "error": j.error,
-                "meta": _json(j.meta),
-            }
-        ).last_pk
-        return j.id
+        with self.batch() as b:
+            return b.judgment(j, round)
 
     def insert_pair(self, db, p: c.Pair, round: int, *, selected: bool) -> int:
-        for cand in (p.chosen, p.rejected):
-            if cand.id is None:
-                self.insert_candidate(db, cand, round)
-        p.id = db["pairs"].insert(
-            {
-                "round": round,
-                "prompt_id": p.prompt.id,
-                "chosen_id": p.chosen.id,
-                "rejected_id": p.rejected.id,
-                "chosen_score": p.chosen_score,
-                "rejected_score": p.rejected_score,
-                "margin": p.margin,
-                "source": p.source,
-                "selected": int(selected),
-            }
-        ).last_pk
-        return p.id
+        with self.batch() as b:
+            return b.pair(p, round, selected=selected)
 
     def insert_selected(self, db, s: c.Selected, round: int) -> int:
-        s.id = db["selected"].insert(
-            {
-                "round": round,
-                "candidate_id": s.candidate.id,
-                "score": s.score,
-                "rank": s.rank,
-                "label": s.label,
-                "group_key": s.group,
-            }
-        ).last_pk
-        return s.id
+        with self.batch() as b:
+            return b.selected(s, round)
 
     def insert_instruction(self, db, ins: c.Instruction, round: int) -> int:
-        ins.round = round
-        ins.id = db["instructions"].insert(
-            {
-                "round": round,
-                "optimiser": ins.optimiser,
-                "step": ins.step,
-                "text": ins.text,
-                "score": ins.score,
-                "scored_on": ins.scored_on,
-                "chosen": int(ins.chosen),
-                "meta": _json(ins.meta),
-            }
-        ).last_pk
-        return ins.id
+        with self.batch() as b:
+            return b.instruction(ins, round)
 
     def insert_decision(self, db, d: c.RewriteDecision, round: int) -> int:
-        return db["rewrite_decisions"].insert({
-            "round": round, "optimiser": d.optimiser or "", "prompt_id": d.prompt.id,
-            "rewrite_id": d.rewrite.id, "original_score": d.original_score,
-            "rewrite_score": d.rewrite_score, "validation": int(d.validation),
-            "kept": int(d.kept), "reason": d.reason,
-        }).last_pk
+        with self.batch() as b:
+            return b.decision(d, round)
 
     def insert_train_step(self, db, step: c.TrainStep, round: int) -> None:
-        db["train_steps"].insert(
-            {
-                "round": round,
-                "step": step.step,
-                "loss": step.loss,
-                "learning_rate": step.learning_rate,
-                "grad_norm": step.grad_norm,
-                "metrics": _json(step.metrics),
-            }
-        )
+        with self.batch() as b:
+            b.train_step(step, round)
 
     def put_metrics(self, db, round: int, metrics: dict[str, float], source: str, phase: str) -> None:
-        for name, value in metrics.items():
-            db["metrics"].upsert(
-                {
-                    "round": round,
-                    "name": name,
-                    "value": None if value is None else float(value),
-                    "source": source,
-                    "phase": phase,
-                },
-                pk=("round", "name"),
-            )
+        """Upsert on (round, name): a metric written again takes the new value, source and phase."""
+        self.conn.executemany(
+            "insert into metrics (round, name, value, source, phase) values (?, ?, ?, ?, ?) "
+            "on conflict (round, name) do update set value = excluded.value, "
+            "source = excluded.source, phase = excluded.phase",
+            [(round, name, None if value is None else float(value), source, phase)
+             for name, value in metrics.items()],
+        )
 
     def insert_heldout(self, db, evaluator: str, split: str, source: str,
                        prompts: list[c.Prompt]) -> None:
-        for i, p in enumerate(prompts):
-            db["heldout"].insert({
-                "evaluator": evaluator, "position": i, "source": source, "split": split,
-                "text": p.text, "system": p.system, "answer": p.answer,
-                "key": p.meta.get("key"), "meta": _json(p.meta),
-            })
+        with self.batch() as b:
+            for i, p in enumerate(prompts):
+                b.add("heldout", (b.next_id("heldout"), evaluator, i, source, split, p.text,
+                                  p.system, p.answer, p.meta.get("key"), _json(p.meta)))
 
     # -- reads (typed rows as dicts) -----------------------------------------------
 
@@ -458,3 +369,139 @@ class Store:
 
 def round_seconds(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
+
+
+# Columns each batched table is written with, in the tuple order ``Rows.add`` takes; the
+# dict's order is the flush order, parents before the rows that point at them.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "prompts": ("id", "round", "text", "system", "source", "kind", "parent_id", "meta", "answer"),
+    "round_prompts": ("round", "position", "prompt_id", "system"),
+    "candidates": ("id", "round", "prompt_id", "policy", "sample_index", "text", "num_tokens",
+                   "finish_reason", "logprob_sum", "source", "parent_id", "meta"),
+    "judgments": ("id", "round", "candidate_id", "judge", "sample_index", "score", "raw", "error",
+                  "meta"),
+    "pairs": ("id", "round", "prompt_id", "chosen_id", "rejected_id", "chosen_score",
+              "rejected_score", "margin", "source", "selected"),
+    "selected": ("id", "round", "candidate_id", "score", "rank", "label", "group_key"),
+    "instructions": ("id", "round", "optimiser", "step", "text", "score", "scored_on", "chosen",
+                     "meta"),
+    "rewrite_decisions": ("id", "round", "optimiser", "prompt_id", "rewrite_id", "original_score",
+                          "rewrite_score", "validation", "kept", "reason"),
+    "train_steps": ("id", "round", "step", "loss", "learning_rate", "grad_norm", "metrics"),
+    "heldout": ("id", "evaluator", "position", "source", "split", "text", "system", "answer",
+                "key", "meta"),
+}
+_SQL = {t: f"insert into {t} ({', '.join(cols)}) values ({', '.join('?' * len(cols))})"
+        for t, cols in COLUMNS.items()}
+_PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def _bindable(row: tuple) -> tuple:
+    """Values as sqlite-utils' ``insert`` stores them (dicts and lists as JSON, dates as
+    ISO text); plain values, nearly all of them, pass untouched."""
+    for v in row:
+        if type(v) not in _PLAIN:
+            return tuple(v if type(v) in _PLAIN else sqlite_utils.db.jsonify_if_needed(v) for v in row)
+    return row
+
+
+class Rows:
+    """One commit's rows, written with one ``executemany`` per table (``Store.batch``).
+
+    Row-by-row inserts cost a statement (and sqlite-utils' table introspection) per row;
+    here each table's rows are collected and written at once when the batch ends. Ids are
+    given when a record is added, as SQLite itself gives them (one more than the table's
+    largest id, read once per table inside the writer's ``BEGIN IMMEDIATE``), in the same
+    order the one-row-at-a-time writer used (a record's unstored parent first), so the
+    stored rows, ids included, and every record's ``id`` are the same.
+    """
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self._rows: dict[str, list[tuple]] = {}
+        self._next: dict[str, int] = {}
+
+    def next_id(self, table: str) -> int:
+        if table not in self._next:
+            (top,) = self.conn.execute(f"select coalesce(max(id), 0) from {table}").fetchone()
+            self._next[table] = top + 1
+        self._next[table] += 1
+        return self._next[table] - 1
+
+    def add(self, table: str, row: tuple) -> None:
+        self._rows.setdefault(table, []).append(row)
+
+    def flush(self) -> None:
+        for table in COLUMNS:
+            rows = self._rows.pop(table, None)
+            if rows:
+                self.conn.executemany(_SQL[table], [_bindable(r) for r in rows])
+
+    # -- one record each ---------------------------------------------------------
+
+    def prompt(self, p: c.Prompt, round: int) -> int:
+        if p.parent is not None and p.parent.id is None:
+            self.prompt(p.parent, round)
+        p.round = round
+        p.id = self.next_id("prompts")
+        self.add("prompts", (p.id, round, p.text, p.system, p.source, p.kind,
+                             p.parent.id if p.parent else None, _json(p.meta), p.answer))
+        return p.id
+
+    def round_prompt(self, round: int, position: int, prompt_id: int, system: str | None) -> None:
+        self.add("round_prompts", (round, position, prompt_id, system))
+
+    def candidate(self, cand: c.Candidate, round: int) -> int:
+        if cand.parent is not None and cand.parent.id is None:
+            self.candidate(cand.parent, round)
+        if cand.prompt.id is None:
+            self.prompt(cand.prompt, round)
+        cand.round = round
+        cand.id = self.next_id("candidates")
+        self.add("candidates", (cand.id, round, cand.prompt.id, cand.policy, cand.sample_index,
+                                cand.text, cand.num_tokens, cand.finish_reason, cand.logprob_sum,
+                                cand.source, cand.parent.id if cand.parent else None,
+                                _json(cand.meta)))
+        return cand.id
+
+    def judgment(self, j: c.Judgment, round: int) -> int:
+        if j.candidate.id is None:
+            self.candidate(j.candidate, round)
+        j.id = self.next_id("judgments")
+        self.add("judgments", (j.id, round, j.candidate.id, j.judge, j.sample_index, j.score,
+                               j.raw, j.error, _json(j.meta)))
+        return j.id
+
+    def pair(self, p: c.Pair, round: int, *, selected: bool) -> int:
+        for cand in (p.chosen, p.rejected):
+            if cand.id is None:
+                self.candidate(cand, round)
+        p.id = self.next_id("pairs")
+        self.add("pairs", (p.id, round, p.prompt.id, p.chosen.id, p.rejected.id, p.chosen_score,
+                           p.rejected_score, p.margin, p.source, int(selected)))
+        return p.id
+
+    def selected(self, s: c.Selected, round: int) -> int:
+        s.id = self.next_id("selected")
+        self.add("selected", (s.id, round, s.candidate.id, s.score, s.rank, s.label, s.group))
+        return s.id
+
+    def instruction(self, ins: c.Instruction, round: int) -> int:
+        ins.round = round
+        ins.id = self.next_id("instructions")
+        self.add("instructions", (ins.id, round, ins.optimiser, ins.step, ins.text, ins.score,
+                                  ins.scored_on, int(ins.chosen), _json(ins.meta)))
+        return ins.id
+
+    def decision(self, d: c.RewriteDecision, round: int) -> int:
+        rid = self.next_id("rewrite_decisions")
+        self.add("rewrite_decisions", (rid, round, d.optimiser or "", d.prompt.id, d.rewrite.id,
+                                       d.original_score, d.rewrite_score, int(d.validation),
+                                       int(d.kept), d.reason))
+        return rid
+
+    def train_step(self, step: c.TrainStep, round: int) -> int:
+        sid = self.next_id("train_steps")
+        self.add("train_steps", (sid, round, step.step, step.loss, step.learning_rate,
+                                 step.grad_norm, _json(step.metrics)))
+        return sid

@@ -200,3 +200,159 @@ def test_m001_database_gains_the_instructions_table(tmp_path):
             {"round": 0, "reference": None, "system": None}]
     finally:
         store.close()
+
+
+# -- batched writes: the same rows as one insert per row ------------------------------
+
+
+class _RowByRow:
+    """The writer the batches replaced: one sqlite-utils insert per row, ids from SQLite."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def prompt(self, p, r):
+        if p.parent is not None and p.parent.id is None:
+            self.prompt(p.parent, r)
+        p.id = self.db["prompts"].insert({
+            "round": r, "text": p.text, "system": p.system, "source": p.source, "kind": p.kind,
+            "parent_id": p.parent.id if p.parent else None, "meta": _j(p.meta),
+            "answer": p.answer}).last_pk
+
+    def candidate(self, x, r):
+        if x.parent is not None and x.parent.id is None:
+            self.candidate(x.parent, r)
+        if x.prompt.id is None:
+            self.prompt(x.prompt, r)
+        x.id = self.db["candidates"].insert({
+            "round": r, "prompt_id": x.prompt.id, "policy": x.policy,
+            "sample_index": x.sample_index, "text": x.text, "num_tokens": x.num_tokens,
+            "finish_reason": x.finish_reason, "logprob_sum": x.logprob_sum, "source": x.source,
+            "parent_id": x.parent.id if x.parent else None, "meta": _j(x.meta)}).last_pk
+
+    def judgment(self, j, r):
+        if j.candidate.id is None:
+            self.candidate(j.candidate, r)
+        j.id = self.db["judgments"].insert({
+            "round": r, "candidate_id": j.candidate.id, "judge": j.judge,
+            "sample_index": j.sample_index, "score": j.score, "raw": j.raw, "error": j.error,
+            "meta": _j(j.meta)}).last_pk
+
+    def pair(self, p, r, selected):
+        for x in (p.chosen, p.rejected):
+            if x.id is None:
+                self.candidate(x, r)
+        p.id = self.db["pairs"].insert({
+            "round": r, "prompt_id": p.prompt.id, "chosen_id": p.chosen.id,
+            "rejected_id": p.rejected.id, "chosen_score": p.chosen_score,
+            "rejected_score": p.rejected_score, "margin": p.margin, "source": p.source,
+            "selected": int(selected)}).last_pk
+
+    def selected(self, s, r):
+        s.id = self.db["selected"].insert({
+            "round": r, "candidate_id": s.candidate.id, "score": s.score, "rank": s.rank,
+            "label": s.label, "group_key": s.group}).last_pk
+
+    def train_step(self, t, r):
+        self.db["train_steps"].insert({
+            "round": r, "step": t.step, "loss": t.loss, "learning_rate": t.learning_rate,
+            "grad_norm": t.grad_norm, "metrics": _j(t.metrics)})
+
+
+def _j(value):
+    import json
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _records():
+    """A round's worth of linked records, none stored: derived prompts (a parent chain),
+    candidates whose prompt is unstored, revisions of unstored originals, judgments of
+    unstored candidates, pairs, selections and steps; unicode, NULLs and JSON meta."""
+    import loop
+
+    root = loop.Prompt(text="root ü", source="s", meta={"k": [1, 2]})
+    mid = loop.Prompt(text="mid", source="s", kind="derived", parent=root)
+    prompts = [loop.Prompt(text=f"q{i}", source="s", system="sys" if i % 3 else None,
+                           kind="derived", parent=mid if i % 2 else None,
+                           answer=None if i % 4 else "ans") for i in range(40)]
+    cands = [loop.Candidate(prompt=p, text=f"a{i}.{k}", sample_index=k, num_tokens=k + 1,
+                            finish_reason="stop", logprob_sum=-0.5 * k, meta={"i": i})
+             for i, p in enumerate(prompts) for k in range(4)]
+    revisions = [loop.Candidate(prompt=x.prompt, text=x.text + " (revised)", source="revision",
+                                parent=x) for x in cands[::7]]
+    judgments = [loop.Judgment(candidate=x, score=None if i % 11 == 0 else float(i % 5),
+                               raw=f"Score: {i % 5}", sample_index=i % 2, judge="j",
+                               error="unparseable" if i % 11 == 0 else None)
+                 for i, x in enumerate(revisions + cands)]
+    pairs = [loop.Pair(prompt=cands[i].prompt, chosen=cands[i], rejected=cands[i + 1],
+                       chosen_score=2.0, rejected_score=None if i % 8 else 1.0)
+             for i in range(0, len(cands), 4)]
+    sel = [loop.Selected(candidate=x, score=1.5, rank=i % 4, label="ranked", group=x.prompt.id)
+           for i, x in enumerate(cands[:30])]
+    steps = [loop.TrainStep(step=s, loss=1.0 / (s + 1), learning_rate=1e-3,
+                            metrics={"rewards/margin": s}) for s in range(5)]
+    return prompts, cands, revisions, judgments, pairs, sel, steps
+
+
+def _write_round(store, writer, r):
+    prompts, cands, revisions, judgments, pairs, sel, steps = _records()
+    with store.transaction() as db:
+        db.execute("insert or ignore into rounds (round, status) values (?, 'running')", [r])
+        w = writer(db)
+        for p in prompts[:10]:
+            w.prompt(p, r)
+        for x in cands:  # prompts[10:] are stored through their candidates
+            w.candidate(x, r)
+        for j in judgments:  # revisions (and their originals' order) through their judgments
+            w.judgment(j, r)
+        for p in pairs:
+            w.pair(p, r, selected=True)
+        for s in sel:
+            w.selected(s, r)
+        for t in steps:
+            w.train_step(t, r)
+        getattr(w, "flush", lambda: None)()
+    return [x.id for x in (*prompts, *cands, *revisions, *judgments, *pairs, *sel)]
+
+
+def _dump(store) -> dict:
+    return {t: [tuple(r) for r in store.conn.execute(f"select * from {t} order by rowid")]
+            for t in ("prompts", "candidates", "judgments", "pairs", "selected", "train_steps")}
+
+
+def test_batched_writes_store_the_same_rows_and_ids(tmp_path):
+    """Store.batch (ids given ahead, one executemany per table) against one sqlite-utils
+    insert per row: three rounds, the last after the newest rows were deleted (SQLite then
+    reuses their ids), every table and every record's id equal."""
+    from loop.store import Rows
+
+    a, b = Store.open(tmp_path / "a.db"), Store.open(tmp_path / "b.db")
+    try:
+        ids = {}
+        for s, name in ((a, "rows"), (b, "batch")):
+            writer = _RowByRow if name == "rows" else (lambda db, s=s: Rows(s.conn))
+            got = [_write_round(s, writer, 1), _write_round(s, writer, 2)]
+            with s.transaction() as db:
+                db.execute("pragma defer_foreign_keys = on")
+                for t in ("selected", "pairs", "judgments", "candidates", "prompts", "train_steps"):
+                    db.execute(f"delete from {t} where round = 2")
+            got.append(_write_round(s, writer, 3))
+            ids[name] = got
+        assert ids["rows"] == ids["batch"]
+        assert all(i is not None for i in ids["batch"][2])
+        dumped = _dump(b)
+        assert _dump(a) == dumped
+        assert len(dumped["judgments"]) == 2 * len(_records()[3])
+    finally:
+        a.close()
+        b.close()
+
+
+def test_put_metrics_upserts_like_before(store):
+    with store.transaction() as db:
+        db.execute("insert into rounds (round, status) values (1, 'running')")
+        store.put_metrics(db, 1, {"x/a": 1, "x/b": None}, "one", "judge")
+        store.put_metrics(db, 1, {"x/a": 2.5}, "two", "select")
+    rows = store.rows("select round, name, value, source, phase from metrics order by name")
+    assert rows == [{"round": 1, "name": "x/a", "value": 2.5, "source": "two", "phase": "select"},
+                    {"round": 1, "name": "x/b", "value": None, "source": "one", "phase": "judge"}]
