@@ -35,6 +35,8 @@ def now() -> str:
 def _json(value: Any) -> str | None:
     if value is None:
         return None
+    if not value and type(value) is dict:
+        return "{}"  # most records' meta: the same text json.dumps gives, without the call
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -399,10 +401,9 @@ _PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
 def _bindable(row: tuple) -> tuple:
     """Values as sqlite-utils' ``insert`` stores them (dicts and lists as JSON, dates as
     ISO text); plain values, nearly all of them, pass untouched."""
-    for v in row:
-        if type(v) not in _PLAIN:
-            return tuple(v if type(v) in _PLAIN else sqlite_utils.db.jsonify_if_needed(v) for v in row)
-    return row
+    if _PLAIN.issuperset(map(type, row)):
+        return row
+    return tuple(v if type(v) in _PLAIN else sqlite_utils.db.jsonify_if_needed(v) for v in row)
 
 
 class Rows:
