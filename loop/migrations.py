@@ -286,3 +286,26 @@ def m005_adapter_files(db):
             primary key (adapter, file)
         )"""
     )
+
+
+@migrations()
+def m006_prompt_ngrams(db):
+    # Why: self_instruct drops a new prompt that overlaps a stored one, and compared it with
+    # every stored prompt, re-splitting each into n-grams every round: its cost per new
+    # prompt grew with the run. This inverted index (n-gram -> prompts holding it) finds
+    # just the stored prompts that share an n-gram. It is derived data: rows are added for
+    # prompts stored before (self_instruct catches up on the ones it lacks before each
+    # propose), and leave with their prompt (`on delete cascade`; `round` for --redo).
+    db.execute(
+        """
+        create table prompt_ngrams (
+            n integer not null,            -- the n-gram size (self_instruct's `ngram`)
+            gram text not null,            -- a lower-cased word n-gram, words joined by spaces
+            prompt_id integer not null references prompts(id) on delete cascade,
+            round integer not null references rounds(round),  -- the prompt's round
+            grams integer not null,        -- how many distinct n-grams the prompt has
+            primary key (n, gram, prompt_id)
+        ) without rowid"""
+    )
+    db.execute("create index idx_prompt_ngrams_prompt on prompt_ngrams(prompt_id)")
+    db.execute("create index idx_prompt_ngrams_n on prompt_ngrams(n, prompt_id)")

@@ -393,7 +393,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "heldout": ("id", "evaluator", "position", "source", "split", "text", "system", "answer",
                 "key", "meta"),
 }
-_SQL = {t: f"insert into {t} ({', '.join(cols)}) values ({', '.join('?' * len(cols))})"
+# Quoted like sqlite-utils' statements (the kill tests' FAKE_KILL_ON_SQL needles match them).
+_SQL = {t: 'insert into "%s" (%s) values (%s)' % (t, ", ".join(cols), ", ".join("?" * len(cols)))
         for t, cols in COLUMNS.items()}
 _PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
 

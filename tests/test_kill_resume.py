@@ -38,7 +38,7 @@ from tests.core_helpers import (
 # Each slowed phase lasts over a second, so a kill lands inside it even on a loaded machine.
 SLOW = dict(rounds=2, per_round=5, n=4, generator={"sleep": 0.25}, judge={"sleep": 0.06},
             updater={"sleep": 0.4})
-JUDGMENTS = 'INSERT INTO "judgments"'  # the text sqlite-utils emits (see Store.insert_judgment)
+JUDGMENTS = 'INSERT INTO "judgments"'  # the text Store.batch emits, once per row (loop/store.py _SQL)
 
 
 @pytest.fixture(scope="module")

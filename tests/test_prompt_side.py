@@ -146,6 +146,96 @@ def test_self_instruct_with_nothing_stored_proposes_nothing(store, tmp_path):
     assert Scripted.calls == []
 
 
+def _reply_sequence(rounds: int, per_round: int) -> list[list[str]]:
+    """Fixed replies: random texts over a small vocabulary and near-copies of earlier ones
+    (a few words swapped), so overlaps fall below, at and above 0.7, across rounds."""
+    import random
+
+    rng = random.Random(11)
+    vocab = [f"w{i}" for i in range(24)]
+    earlier: list[str] = ["seed one two three four five"]
+    out = []
+    for _ in range(rounds):
+        replies = []
+        for _ in range(per_round):
+            if rng.random() < 0.55:
+                words = rng.choice(earlier).split()
+                for _ in range(rng.randint(0, 3)):
+                    words[rng.randrange(len(words))] = rng.choice(vocab)
+            else:
+                words = [rng.choice(vocab) for _ in range(rng.randint(1, 11))]
+            replies.append(" ".join(words))
+            earlier.append(replies[-1])
+        out.append(replies)
+    return out
+
+
+def _brute_force_kept(replies, stored_texts, seeds, n, max_overlap):
+    """The de-dup as it was: each reply against every stored prompt, seed and kept reply."""
+    known = [ngrams(t, n) for t in [*stored_texts, *seeds]]
+    kept = []
+    for text in replies:
+        grams = ngrams(text, n)
+        if not grams or any(ngram_overlap(grams, k) >= max_overlap for k in known):
+            continue
+        known.append(grams)
+        kept.append(text)
+    return kept
+
+
+def test_self_instruct_index_decides_like_comparing_with_every_prompt(store, tmp_path):
+    """Six rounds of a fixed reply sequence (plus another source's prompts each round):
+    the n-gram index keeps exactly what comparing with every stored prompt keeps; after
+    its rows are deleted (a run older than m006) it is rebuilt, and after a redo of a
+    propose (`resume --redo`) the discarded prompts leave it and the round decides again
+    the same way."""
+    from loop import integrity
+
+    seeds = ["seed one two three four five"]
+    opts = dict(per_round=12, examples=2, seeds=seeds, min_words=1, exclude_words=[], ngram=3,
+                max_overlap=0.7)
+    comp = plugins.build_component("prompt_source", ComponentSpec(name="self_instruct", **opts), "p")
+    sequence = _reply_sequence(6, 12)
+    decided = dropped = 0
+
+    def propose(r):
+        nonlocal decided, dropped
+        replies = iter(sequence[r - 1])
+        Scripted.respond = staticmethod(lambda chat, i: next(replies))
+        stored = [x["text"] for x in store.rows("select text from prompts where round < ? order by id", [r])]
+        store.start_phase(r, "propose")
+        ctx = ctx_for(store, tmp_path, r, "propose")
+        out = comp.propose(ctx)
+        want = _brute_force_kept(sequence[r - 1], stored, seeds, 3, 0.7)
+        assert [p.text for p in out] == want, f"round {r}"
+        decided += len(sequence[r - 1])
+        dropped += len(sequence[r - 1]) - len(want)
+        others = [loop.Prompt(text=t, source="other") for t in sequence[r - 1][::5]]
+        with store.transaction() as db, store.batch(db) as rows:
+            for p in out + others:  # the kept ones, and another source's (duplicates or not)
+                rows.prompt(p, r)
+        return out
+
+    for r in (1, 2, 3):
+        propose(r)
+    indexed = store.rows("select count(distinct prompt_id) as n from prompt_ngrams")[0]["n"]
+    assert indexed == len(store.rows("select id from prompts where round < 3"))
+    store.conn.execute("delete from prompt_ngrams")  # lost: the next propose rebuilds it
+    propose(4)
+    assert store.rows("select count(distinct prompt_id) as n from prompt_ngrams")[0]["n"] == \
+        len(store.rows("select id from prompts where round < 4"))
+    propose(5)
+    integrity.redo(store, tmp_path, "round-4.propose")  # rounds 4 and 5 discarded
+    assert not store.rows("select 1 from prompt_ngrams where round >= 4")
+    for r in (4, 5, 6):
+        propose(r)
+    grams = store.rows("select prompt_id, count(*) as k, min(grams) as g, max(grams) as h "
+                       "from prompt_ngrams where n = 3 group by prompt_id")
+    texts = {x["id"]: x["text"] for x in store.rows("select id, text from prompts")}
+    assert all(x["k"] == x["g"] == x["h"] == len(ngrams(texts[x["prompt_id"]], 3)) for x in grams)
+    assert 0 < dropped < decided  # the sequence exercises both decisions
+
+
 # -- opro ----------------------------------------------------------------------------
 
 META = "Your task is to write a system instruction"

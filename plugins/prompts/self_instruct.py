@@ -23,7 +23,10 @@ The algorithm (``propose``):
    when its word n-gram overlap with any stored prompt, any seed, or a prompt already kept
    this round is ``max_overlap`` or more (``ngram_overlap``: shared n-grams over the
    smaller set; the paper uses ROUGE-L < 0.7). ``self_instruct/kept_rate`` is the share
-   kept; ``self_instruct/dropped_<reason>`` counts the rest by reason.
+   kept; ``self_instruct/dropped_<reason>`` counts the rest by reason. Stored prompts
+   are looked up in the run's n-gram index (``NgramIndex``, table ``prompt_ngrams``):
+   only those sharing an n-gram with the new prompt are compared, so the cost per new
+   prompt does not grow with the run; the decisions are those of comparing with all.
 5. Each kept prompt is ``kind="derived"``, its ``parent`` is the first stored example it
    was shown, and ``meta["derived_from"]`` lists the ids of every stored example.
 """
@@ -54,6 +57,55 @@ def ngram_overlap(a: set, b: set) -> float:
     if not a or not b:
         return 0.0
     return len(a & b) / min(len(a), len(b))
+
+
+class NgramIndex:
+    """Stored prompts' word n-grams, kept in the run (table ``prompt_ngrams``, m006).
+
+    ``catch_up`` adds every stored prompt the index lacks (the ones stored since it last
+    ran; the whole table on a first use or after the rows were deleted), in its own
+    transaction: the rows derive from committed prompts only, so a propose killed after
+    it leaves a valid index. ``duplicate`` asks SQLite for the stored prompts (of rounds
+    before ``round``) sharing an n-gram with the new one and how many they share; a prompt
+    sharing none has overlap 0, below any ``max_overlap``, so the answer is the same as
+    comparing with every stored prompt, at a cost set by the new prompt's n-grams.
+    """
+
+    def __init__(self, store, n: int):
+        self.store = store
+        self.n = n
+
+    @staticmethod
+    def key(gram: tuple[str, ...]) -> str:
+        return " ".join(gram)  # words are \w+ runs: a space never occurs inside one
+
+    def catch_up(self) -> int:
+        """Index the prompts stored since the last call; returns how many."""
+        conn = self.store.conn
+        with self.store.transaction():
+            (top,) = conn.execute("select coalesce(max(prompt_id), 0) from prompt_ngrams "
+                                  "where n = ?", [self.n]).fetchone()
+            new = conn.execute("select id, round, text from prompts where id > ? order by id",
+                               [top]).fetchall()
+            rows = []
+            for pid, round, text in new:
+                grams = ngrams(text, self.n)
+                rows += [(self.n, self.key(g), pid, round, len(grams)) for g in grams]
+            conn.executemany("insert into prompt_ngrams (n, gram, prompt_id, round, grams) "
+                             "values (?, ?, ?, ?, ?)", rows)
+        return len(new)
+
+    def duplicate(self, grams: set, max_overlap: float, round: int) -> bool:
+        """Whether a prompt stored before ``round`` overlaps ``grams`` by ``max_overlap`` or more."""
+        if not grams:
+            return False
+        keys = [self.key(g) for g in grams]
+        found = self.store.conn.execute(
+            f"select count(*), min(grams) from prompt_ngrams where n = ? and round < ? "
+            f"and gram in ({', '.join('?' * len(keys))}) group by prompt_id",
+            [self.n, round, *keys],
+        )
+        return any(shared / min(len(grams), size) >= max_overlap for shared, size in found)
 
 
 def parse_reply(text: str) -> str:
@@ -134,8 +186,9 @@ class SelfInstructPrompts(loop.PromptSource):
                                  max_new_tokens=opts.max_new_tokens,
                                  seed=ctx.derive_seed(self.label))
         replies = ctx.generator.generate(ctx, chats, sampling, adapter=ctx.adapter, progress=False)
-        known = [ngrams(r["text"], opts.ngram) for r in stored]
-        known += [ngrams(t, opts.ngram) for t in opts.seeds]
+        index = NgramIndex(ctx.store, opts.ngram)
+        index.catch_up()
+        known = [ngrams(t, opts.ngram) for t in opts.seeds]  # + the ones kept this round
         kept: list[loop.Prompt] = []
         dropped = {"empty": 0, "short": 0, "long": 0, "excluded": 0, "duplicate": 0}
         excluded = {w.lower() for w in opts.exclude_words}
@@ -155,7 +208,8 @@ class SelfInstructPrompts(loop.PromptSource):
             if excluded.intersection(words):
                 dropped["excluded"] += 1
                 continue
-            if any(ngram_overlap(grams, k) >= opts.max_overlap for k in known):
+            if (any(ngram_overlap(grams, k) >= opts.max_overlap for k in known)
+                    or index.duplicate(grams, opts.max_overlap, ctx.round)):
                 dropped["duplicate"] += 1
                 continue
             known.append(grams)
