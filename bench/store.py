@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loop import components as c  # noqa: E402
-from loop.store import Store  # noqa: E402
+from loop import components as c
+from loop.store import Store
 
 
 def records(round: int, n: int, prompts: list[c.Prompt]):

@@ -394,7 +394,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "key", "meta"),
 }
 # Quoted like sqlite-utils' statements (the kill tests' FAKE_KILL_ON_SQL needles match them).
-_SQL = {t: 'insert into "%s" (%s) values (%s)' % (t, ", ".join(cols), ", ".join("?" * len(cols)))
+_SQL = {t: f'insert into "{t}" ({", ".join(cols)}) values ({", ".join("?" * len(cols))})'
         for t, cols in COLUMNS.items()}
 _PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
 

@@ -234,6 +234,18 @@ def test_self_instruct_index_decides_like_comparing_with_every_prompt(store, tmp
     texts = {x["id"]: x["text"] for x in store.rows("select id, text from prompts")}
     assert all(x["k"] == x["g"] == x["h"] == len(ngrams(texts[x["prompt_id"]], 3)) for x in grams)
     assert 0 < dropped < decided  # the sequence exercises both decisions
+    # The examples are drawn as positions in the pool: the same draws as from the pool.
+    import random
+    for size, k in ((1, 4), (3, 2), (50, 4), (2000, 4)):
+        pool = [f"p{i}" for i in range(size)]
+        a, b = random.Random(size), random.Random(size)
+        assert [a.sample(pool, min(k, size)) for _ in range(5)] == \
+            [[pool[j] for j in b.sample(range(size), min(k, size))] for _ in range(5)]
+    # A lookup seeks the primary key once per n-gram: no walk over the whole index.
+    from plugins.prompts.self_instruct import NgramIndex
+    plan = store.conn.execute("explain query plan " + NgramIndex.lookup_sql(3),
+                              [3, 9, "a b c", "b c d", "c d e"]).fetchall()
+    assert [row[-1] for row in plan] == ["SEARCH prompt_ngrams USING PRIMARY KEY (n=? AND gram=?)"]
 
 
 # -- opro ----------------------------------------------------------------------------

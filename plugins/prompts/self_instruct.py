@@ -95,17 +95,26 @@ class NgramIndex:
                              "values (?, ?, ?, ?, ?)", rows)
         return len(new)
 
+    @staticmethod
+    def lookup_sql(grams: int) -> str:
+        """The stored prompts holding any of ``grams`` n-grams: one primary-key seek each."""
+        return ("select prompt_id, grams from prompt_ngrams where n = ? and round < ? "
+                f"and gram in ({', '.join('?' * grams)})")
+
     def duplicate(self, grams: set, max_overlap: float, round: int) -> bool:
         """Whether a prompt stored before ``round`` overlaps ``grams`` by ``max_overlap`` or more."""
         if not grams:
             return False
         keys = [self.key(g) for g in grams]
-        found = self.store.conn.execute(
-            f"select count(*), min(grams) from prompt_ngrams where n = ? and round < ? "
-            f"and gram in ({', '.join('?' * len(keys))}) group by prompt_id",
-            [self.n, round, *keys],
-        )
-        return any(shared / min(len(grams), size) >= max_overlap for shared, size in found)
+        # No GROUP BY here: with one, SQLite walks idx_prompt_ngrams_n (every row of this
+        # n, in prompt order) instead of seeking the primary key once per n-gram.
+        rows = self.store.conn.execute(self.lookup_sql(len(keys)), [self.n, round, *keys])
+        shared: dict[int, int] = {}
+        size: dict[int, int] = {}
+        for pid, g in rows:
+            shared[pid] = shared.get(pid, 0) + 1
+            size[pid] = g
+        return any(k / min(len(grams), size[pid]) >= max_overlap for pid, k in shared.items())
 
 
 def parse_reply(text: str) -> str:
@@ -163,21 +172,31 @@ class SelfInstructPrompts(loop.PromptSource):
         opts = self.options
         if ctx.generator is None:
             raise loop.UserError("self_instruct needs the run's generator")
-        stored = ctx.store.rows(
-            "select id, round, text, kind from prompts where round < ? order by id", [ctx.round]
-        )
-        pool = [(None, t) for t in opts.seeds] + [
-            (r, r["text"]) for r in stored if r["kind"] in ("original", "derived")
-        ]
-        if not pool:
+        # The pool is the seeds, then the stored originals and derived prompts by id. Only
+        # ids are read for all of it; the texts just for the examples drawn. Drawing from
+        # range(len(pool)) takes the same positions as drawing from the pool itself.
+        seeds = list(opts.seeds)
+        ids = [i for (i,) in ctx.store.conn.execute(
+            "select id from prompts where round < ? and kind in ('original', 'derived') "
+            "order by id", [ctx.round])]
+        size = len(seeds) + len(ids)
+        if not size:
             ctx.event("self_instruct: no prompts to take examples from yet; proposing none")
             return []
         rng = ctx.rng(self.label)
         template = self._template(ctx)
-        requests = []
-        for _ in range(opts.per_round):
-            shown = rng.sample(pool, min(opts.examples, len(pool)))
-            requests.append(shown)
+        picks = [rng.sample(range(size), min(opts.examples, size)) for _ in range(opts.per_round)]
+        drawn = sorted({ids[j - len(seeds)] for p in picks for j in p if j >= len(seeds)})
+        rows = {r["id"]: r for r in ctx.store.rows(
+            f"select id, round, text from prompts where id in ({', '.join('?' * len(drawn))})", drawn)}
+
+        def example(j: int) -> tuple[dict | None, str]:  # (stored row or None, text)
+            if j < len(seeds):
+                return None, seeds[j]
+            row = rows[ids[j - len(seeds)]]
+            return row, row["text"]
+
+        requests = [[example(j) for j in p] for p in picks]
         chats = [
             [{"role": "user", "content": template.render(examples=[t for _, t in shown])}]
             for shown in requests
