@@ -143,26 +143,19 @@ class Store:
 
     def start_phase(self, round: int, phase: str) -> int:
         """Mark a phase running (attempt + 1); returns the attempt number."""
-        with self.transaction() as db:
-            if not list(db.query("select 1 from rounds where round = ?", [round])):
-                db["rounds"].insert({"round": round, "status": "running", "started_at": now()})
+        with self.transaction():
+            self.conn.execute("insert or ignore into rounds (round, status, started_at) "
+                              "values (?, 'running', ?)", [round, now()])
             row = self.phase(round, phase)
             attempt = (row["attempt"] if row else 0) + 1
-            db["phases"].upsert(
-                {
-                    "round": round,
-                    "phase": phase,
-                    "status": "running",
-                    "attempt": attempt,
-                    "started_at": now(),
-                    "ended_at": None,
-                    "seconds": None,
-                    "done": 0,
-                    "total": None,
-                    "error": None,
-                    "plugin": None,
-                },
-                pk=("round", "phase"),
+            # One statement, where sqlite-utils' upsert read the schema first: the same row.
+            self.conn.execute(
+                "insert into phases (round, phase, status, attempt, started_at, ended_at, seconds, "
+                "done, total, error, plugin) values (?, ?, 'running', ?, ?, null, null, 0, null, "
+                "null, null) on conflict (round, phase) do update set status = excluded.status, "
+                "attempt = excluded.attempt, started_at = excluded.started_at, ended_at = null, "
+                "seconds = null, done = 0, total = null, error = null, plugin = null",
+                [round, phase, attempt, now()],
             )
         return attempt
 
@@ -198,17 +191,11 @@ class Store:
     # -- events ------------------------------------------------------------------
 
     def add_event(self, round, phase, level, message, plugin=None, data=None) -> None:
-        with self.transaction() as db:
-            db["events"].insert(
-                {
-                    "time": now(),
-                    "round": round,
-                    "phase": phase,
-                    "level": level,
-                    "message": message,
-                    "plugin": plugin,
-                    "data": _json(data or {}),
-                }
+        with self.transaction():
+            self.conn.execute(
+                'insert into "events" (time, round, phase, level, message, plugin, data) '
+                "values (?, ?, ?, ?, ?, ?, ?)",
+                [now(), round, phase, level, message, plugin, _json(data or {})],
             )
 
     # -- writing a phase's results (inside commit_phase's transaction) ------------
