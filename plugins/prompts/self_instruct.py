@@ -42,6 +42,7 @@ from loop.templates import template_option
 
 _WORD = re.compile(r"\w+")
 _NUMBER = re.compile(r"^\s*\d+\s*[.)]\s*")
+CHUNK = 500  # ids or n-grams per IN (...) list: well under SQLite's bound-variable limit
 
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
@@ -106,14 +107,16 @@ class NgramIndex:
         if not grams:
             return False
         keys = [self.key(g) for g in grams]
-        # No GROUP BY here: with one, SQLite walks idx_prompt_ngrams_n (every row of this
-        # n, in prompt order) instead of seeking the primary key once per n-gram.
-        rows = self.store.conn.execute(self.lookup_sql(len(keys)), [self.n, round, *keys])
         shared: dict[int, int] = {}
         size: dict[int, int] = {}
-        for pid, g in rows:
-            shared[pid] = shared.get(pid, 0) + 1
-            size[pid] = g
+        # No GROUP BY here: with one, SQLite walks idx_prompt_ngrams_n (every row of this
+        # n, in prompt order) instead of seeking the primary key once per n-gram. Chunks
+        # keep a very long prompt under SQLite's limit on bound variables.
+        for start in range(0, len(keys), CHUNK):
+            part = keys[start:start + CHUNK]
+            for pid, g in self.store.conn.execute(self.lookup_sql(len(part)), [self.n, round, *part]):
+                shared[pid] = shared.get(pid, 0) + 1
+                size[pid] = g
         return any(k / min(len(grams), size[pid]) >= max_overlap for pid, k in shared.items())
 
 
@@ -187,8 +190,11 @@ class SelfInstructPrompts(loop.PromptSource):
         template = self._template(ctx)
         picks = [rng.sample(range(size), min(opts.examples, size)) for _ in range(opts.per_round)]
         drawn = sorted({ids[j - len(seeds)] for p in picks for j in p if j >= len(seeds)})
-        rows = {r["id"]: r for r in ctx.store.rows(
-            f"select id, round, text from prompts where id in ({', '.join('?' * len(drawn))})", drawn)}
+        rows = {}
+        for start in range(0, len(drawn), CHUNK):
+            part = drawn[start:start + CHUNK]
+            rows.update((r["id"], r) for r in ctx.store.rows(
+                f"select id, round, text from prompts where id in ({', '.join('?' * len(part))})", part))
 
         def example(j: int) -> tuple[dict | None, str]:  # (stored row or None, text)
             if j < len(seeds):
