@@ -22,6 +22,7 @@ from pydantic import Field
 
 import loop
 from loop.context import derive_seed
+from loop.launch import LaunchOptions, rank
 from plugins.sequences import seeded, sequence_logps
 
 
@@ -62,6 +63,9 @@ class LoRAOptions(loop.Updater.Options):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # Modules to adapt: "all-linear" (every linear layer but the output head) or names.
     target_modules: str | list[str] = "all-linear"
+    # Run the update as an `accelerate launch` subprocess (loop/launch.py, docs/scale.md):
+    # {num_processes = N, config_file = "configs/accelerate/ddp.yaml"}; None: in-process.
+    launch: LaunchOptions | None = None
 
 
 class ReferenceOptions(LoRAOptions):
@@ -197,6 +201,7 @@ def train(
     steps_plan = plan(count, plan_options or opts, ctx.seed, lengths)
     total = len(steps_plan)
     steps: list[loop.TrainStep] = []
+    me, world = rank()
     with seeded(ctx.seed, device):
         start = ctx.adapter if init_from is ... else init_from
         model = policy.trainable(updater.lora_config(), init_from=start, seed=ctx.seed)
@@ -221,12 +226,17 @@ def train(
                 total_loss = 0.0
                 sums: dict[str, float] = {}
                 for mb in micro_batches:
+                    share = mb[me::world]  # a launched update: this rank's part of the batch
+                    if not share:
+                        continue
                     with updater.autocast(device):
-                        losses, mb_sums = micro(model, mb)
+                        losses, mb_sums = micro(model, share)
                     (losses.float().sum() / norm).backward()
                     total_loss += losses.detach().float().sum().item()
                     for k, v in mb_sums.items():
                         sums[k] = sums.get(k, 0.0) + v
+                if world > 1:
+                    total_loss, sums = _sum_ranks(params, total_loss, sums)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
                 optimizer.step()
                 if after_step is not None:
@@ -249,6 +259,31 @@ def train(
                 model.base_model.model.gradient_checkpointing_disable()
             model.eval()
     return steps
+
+
+def _sum_ranks(params, total_loss: float, sums: dict[str, float]):
+    """Across the ranks of a launched update: the gradients summed (each rank divided its
+    share's losses by the whole step's normaliser, so the sum is the one-process gradient),
+    and the step's loss and metric sums added up. Every rank then takes the same step."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (total_loss, sums))
+    total = 0.0
+    merged: dict[str, float] = {}
+    for loss, part in gathered:  # in rank order: the same sums on every rank
+        total += loss
+        for k, v in part.items():
+            merged[k] = merged.get(k, 0.0) + v
+    return total, merged
 
 
 def summary(steps: list[loop.TrainStep], units: int, unit_name: str) -> dict[str, float]:
@@ -338,9 +373,12 @@ def read_cache(path: Path, meta: dict[str, str], ids: torch.Tensor) -> dict | No
 
 
 def write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write a cache file atomically: a temporary file, fsynced, then renamed."""
+    """Write a cache file atomically: a temporary file, fsynced, then renamed (rank 0 of
+    a launched update only: every rank computed the same tensors)."""
     from safetensors.torch import save_file
 
+    if rank()[0] != 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
