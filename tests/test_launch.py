@@ -148,11 +148,12 @@ def test_a_failing_launch_fails_the_phase_with_its_log(base_run, tmp_path):
     assert not (run / "adapters" / "round-1").exists()
 
 
-def _validate(*sets: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def _validate(*sets: str, tmp_path: Path):
+    from tests.core_helpers import cli_inprocess
+
     args = [x for s in sets for x in ("--set", s)]
-    return subprocess.run([sys.executable, "-m", "loop", "run", "configs/demo.toml",
-                           "--set", f"runs_dir={tmp_path}", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return cli_inprocess("run", str(ROOT / "configs" / "demo.toml"), "--set", f"runs_dir={tmp_path}",
+                         *args)
 
 
 @pytest.mark.parametrize("sets, words", [
@@ -162,10 +163,10 @@ def _validate(*sets: str, tmp_path: Path) -> subprocess.CompletedProcess:
     (['updater.launch={config_file="accelerate/none.yaml"}'], ["updater.launch.config_file", "not found"]),
 ], ids=["qlora-on-cpu", "fsdp2-refused", "missing-file"])
 def test_bad_launch_and_quantization_are_refused_at_validation(tmp_path, sets, words):
-    proc = _validate(*sets, tmp_path=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+    result = _validate(*sets, tmp_path=tmp_path)
+    assert result.exit_code == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
 
 
