@@ -45,8 +45,8 @@ RESULT = "result.json"
 PROGRESS = "progress.jsonl"
 LOG = "launch.log"
 TAIL_LINES = 20
-# Accelerate config types the launched trainer implements (data parallel): FSDP and
-# DeepSpeed shard the model, which the shared training loop does not do yet.
+# Accelerate config types the launched trainer implements as data parallel (FSDP with
+# fsdp_version 2 is sharded, see plugins/updaters/training.py's shard; DeepSpeed is not).
 DATA_PARALLEL = {"NO", "MULTI_GPU", "MULTI_CPU"}
 
 
@@ -76,18 +76,22 @@ class LaunchOptions(Checked):
         if not path.is_file():
             raise ValueError(f"accelerate config file {value} not found; give the path of a "
                              "YAML file (examples: configs/accelerate/)")
-        kind = distributed_type(path)
-        if kind is not None and kind not in DATA_PARALLEL:
+        kind, fsdp_version = distributed_type(path)
+        if kind == "FSDP" and fsdp_version != 2:
+            raise ValueError(f"{value}: FSDP version {fsdp_version or 1} is not supported; the "
+                             "launched update shards with FSDP2 (fsdp_config.fsdp_version: 2, "
+                             "as configs/accelerate/fsdp2.yaml)")
+        if kind is not None and kind not in DATA_PARALLEL | {"FSDP"}:
             raise ValueError(
                 f"{value}: distributed_type {kind} is not supported by the launched update yet "
-                "(it trains data-parallel: each process holds the whole model; FSDP and "
-                "DeepSpeed sharding are not implemented, see docs/scale.md); use "
-                "configs/accelerate/ddp.yaml")
+                "(data parallel or FSDP2 only; DeepSpeed ZeRO is not implemented, see "
+                "docs/scale.md); use configs/accelerate/ddp.yaml or fsdp2.yaml")
         return str(path.resolve())  # absolute: a resumed run reads it from the run folder
 
 
-def distributed_type(path: Path) -> str | None:
-    """The ``distributed_type`` of an accelerate YAML/JSON config file (None: not set)."""
+def distributed_type(path: Path) -> tuple[str | None, int | None]:
+    """The ``distributed_type`` of an accelerate YAML/JSON config file (None: not set)
+    and its ``fsdp_config.fsdp_version``."""
     import yaml
 
     try:
@@ -97,7 +101,10 @@ def distributed_type(path: Path) -> str | None:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: an accelerate config file is a mapping of settings")
     kind = data.get("distributed_type")
-    return None if kind is None else str(kind).upper()
+    fsdp = data.get("fsdp_config") or {}
+    version = fsdp.get("fsdp_version") if isinstance(fsdp, dict) else None
+    return (None if kind is None else str(kind).upper(),
+            None if version is None else int(version))
 
 
 # ---------------------------------------------------------------------------
@@ -116,6 +123,13 @@ def rank() -> tuple[int, int]:
 
 def is_main() -> bool:
     return rank()[0] == 0
+
+
+def fsdp_requested() -> bool:
+    """This launched update was started with an FSDP2 accelerate config (accelerate
+    launch sets ACCELERATE_USE_FSDP and FSDP_VERSION for its processes)."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+            and os.environ.get("FSDP_VERSION") == "2")
 
 
 # ---------------------------------------------------------------------------
@@ -243,11 +257,18 @@ def _pass_progress(ctx, path: Path, seen: int) -> int:
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The log's last lines; when a rank raised, the end of the first such rank's
+    traceback instead (torch's launcher ends the log with its own summary)."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
+    all_lines = text.rstrip().splitlines()
+    ranked = [x for x in all_lines if x.startswith("[rank") and "]: " in x]
+    if ranked:
+        first = ranked[0].split("]: ")[0]
+        all_lines = [x for x in ranked if x.startswith(first + "]: ")]
+    return "\n".join(all_lines[-lines:]) or "(empty log)"
 
 
 # ---------------------------------------------------------------------------

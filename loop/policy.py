@@ -250,7 +250,9 @@ class Policy:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self._peft, adapter_name="default")
-        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        # FSDP2-sharded weights (a launched update) are gathered: a collective every rank runs.
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").contiguous()
+                 for k, v in state.items()}
         save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config = self._peft.peft_config["default"]
         config.save_pretrained(str(out))

@@ -1,5 +1,5 @@
 """The update phase under a real ``accelerate launch`` (loop/launch.py): 2 CPU processes
-(gloo) train the same adapter as the in-process update; a SIGKILLed launched update
+(gloo), data parallel and FSDP2, train the in-process adapter; a SIGKILLed launched update
 resumes to the same adapter; a failing launch fails the phase with its log; bad launch
 and QLoRA settings are refused at validation (exit 2). QLoRA on CUDA behind ``gpu``.
 
@@ -86,6 +86,28 @@ def test_two_processes_train_the_one_process_adapter(base_run, launched2):
     assert any("update launched: 2 process(es)" in m for m in events)
 
 
+def test_fsdp2_on_two_gloo_ranks_trains_the_one_process_adapter(base_run):
+    import torch
+
+    run = redo_copy(base_run, "launch-fsdp2")
+    fsdp2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
+    proc = subprocess.run(
+        resume_cmd(run, "--redo", "round-1.update", "--set",
+                   f'updater.launch={{num_processes=2, config_file="{fsdp2}"}}'),
+        cwd=ROOT, env=ENV1, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [e["message"] for e in q(run / "run.db", "select message from events where round = 1")]
+    assert any("FSDP2: the model sharded over 2 ranks (2 blocks" in m for m in events), events
+    one, two = tensors(base_run), tensors(run)
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
+    steps = "select loss, grad_norm from train_steps where round = 1 order by step"
+    for x, y in zip(q(base_run / "run.db", steps), q(run / "run.db", steps), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
 def _ranks_alive(marker: str) -> list[int]:
     """Pids whose command line names ``marker`` (the attempt's inputs file)."""
     pids = []
@@ -158,10 +180,10 @@ def _validate(*sets: str, tmp_path: Path):
 
 @pytest.mark.parametrize("sets, words", [
     (['model.quantization="4bit"', 'model.device="cpu"'], ["model.quantization", "CUDA"]),
-    (['updater.launch={config_file="accelerate/fsdp2.yaml"}'],
-     ["updater.launch.config_file", "FSDP", "data-parallel"]),
+    (['updater.launch={config_file="accelerate/zero3.yaml"}'],
+     ["updater.launch.config_file", "DEEPSPEED", "not supported"]),
     (['updater.launch={config_file="accelerate/none.yaml"}'], ["updater.launch.config_file", "not found"]),
-], ids=["qlora-on-cpu", "fsdp2-refused", "missing-file"])
+], ids=["qlora-on-cpu", "deepspeed-refused", "missing-file"])
 def test_bad_launch_and_quantization_are_refused_at_validation(tmp_path, sets, words):
     result = _validate(*sets, tmp_path=tmp_path)
     assert result.exit_code == 2, result.stderr[-2000:]
