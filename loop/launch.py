@@ -16,7 +16,9 @@ Parent side (``run_launched``, called by the runner's update phase):
 
 Child side (``main``): every rank builds the run's updater from the stored config and
 calls its ``update`` as in-process (the same code: ``plugins/updaters/training.py``'s
-loop splits each micro-batch across ranks and sums gradients; see ``rank``). Each rank
+loop splits each micro-batch across ranks and sums gradients, data parallel, or shards
+the model with FSDP2 when accelerate's config asks for it; see ``rank`` and
+``fsdp_requested``). Each rank
 watches the parent's pid and exits when the run is gone (a SIGKILLed run leaves no
 trainer behind).
 
@@ -47,7 +49,7 @@ LOG = "launch.log"
 TAIL_LINES = 20
 # Accelerate config types the launched trainer implements as data parallel (FSDP with
 # fsdp_version 2 is sharded, see plugins/updaters/training.py's shard; DeepSpeed is not).
-DATA_PARALLEL = {"NO", "MULTI_GPU", "MULTI_CPU"}
+DATA_PARALLEL = {"NO", "MULTI_GPU"}
 
 
 class LaunchOptions(Checked):
@@ -81,6 +83,9 @@ class LaunchOptions(Checked):
             raise ValueError(f"{value}: FSDP version {fsdp_version or 1} is not supported; the "
                              "launched update shards with FSDP2 (fsdp_config.fsdp_version: 2, "
                              "as configs/accelerate/fsdp2.yaml)")
+        if kind == "MULTI_CPU":  # accelerate starts one process for it unless MPI is there
+            raise ValueError(f"{value}: distributed_type MULTI_CPU is not used by the launched "
+                             "update; use configs/accelerate/ddp.yaml (on CPU its ranks use gloo)")
         if kind is not None and kind not in DATA_PARALLEL | {"FSDP"}:
             raise ValueError(
                 f"{value}: distributed_type {kind} is not supported by the launched update yet "

@@ -194,6 +194,12 @@ def train(
        its units; a token count for token-level losses) is back-propagated.
     4. Clip the gradient norm, AdamW step, schedule step, ``after_step(model)``; record a
        ``TrainStep`` whose metrics are ``micro``'s sums divided by the step's size.
+
+    In a launched update (``[updater] launch``, loop/launch.py) each of the ``world``
+    ranks takes every ``world``-th unit of each micro-batch and divides its losses by the
+    whole step's normaliser; the gradients are summed across ranks (all-reduce, or
+    FSDP2's reduce-scatter when the model is sharded), so every rank takes the step the
+    one-process loop takes, and the loss and metrics are the ranks' sums.
     """
     opts = updater.options
     policy = ctx.policy()
