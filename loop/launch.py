@@ -217,11 +217,7 @@ def run_launched(runner, ctx, updater, output_dir: str):
             time.sleep(0.2)
     finally:
         if proc.poll() is None:  # interrupted, timed out or failed here: stop the trainer
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            _stop(proc)
     _pass_progress(ctx, folder / PROGRESS, seen)
     result_path = folder / RESULT
     if proc.returncode != 0 or not result_path.is_file():
@@ -241,6 +237,23 @@ def run_launched(runner, ctx, updater, output_dir: str):
     os.replace(folder / "adapter", out)  # the same file system: the run folder
     steps = [c.TrainStep(**s) for s in data["steps"]]
     return c.UpdateResult(steps=steps, metrics=data["metrics"], reference=data.get("reference"))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the launcher: SIGTERM first (torch's launcher passes it to the ranks, which
+    run in sessions of their own), SIGKILL after 10 s; a rank left behind exits when it
+    sees its launcher gone (``_watch_parent``)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 def _pass_progress(ctx, path: Path, seen: int) -> int:
@@ -282,7 +295,9 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 def _watch_parent(pid: int) -> None:
-    """Exit this rank when the run process is gone (SIGKILL of the run)."""
+    """Exit this rank when the run process is gone (SIGKILL of the run) or its launcher
+    is (this process was handed to another parent)."""
+    launcher = os.getppid()
 
     def watch():
         while True:
@@ -292,6 +307,8 @@ def _watch_parent(pid: int) -> None:
                 os._exit(70)
             except PermissionError:
                 pass
+            if os.getppid() != launcher:
+                os._exit(70)
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True, name="selfloop-parent-watch").start()
