@@ -23,8 +23,6 @@ import pytest
 
 from world_runs import ENV, ROOT, q, run_world
 
-pytestmark = pytest.mark.slow
-
 DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"
 LAUNCH2 = f'updater.launch={{num_processes=2, config_file="{DDP}"}}'
 ENV1 = {**ENV, "OMP_NUM_THREADS": "1"}  # two ranks on two cores
@@ -65,6 +63,7 @@ def launched2(base_run):
     return run
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_one_process_adapter(base_run, launched2):
     import torch
 
@@ -87,6 +86,7 @@ def test_two_processes_train_the_one_process_adapter(base_run, launched2):
     assert any("update launched: 2 process(es)" in m for m in events)
 
 
+@pytest.mark.slow
 def test_fsdp2_on_two_gloo_ranks_trains_the_one_process_adapter(base_run):
     import torch
 
@@ -123,6 +123,7 @@ def _ranks_alive(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_killed_launched_update_resumes_to_the_same_adapter(base_run, launched2):
     run = redo_copy(base_run, "launch-killed")
     proc = subprocess.Popen(resume_cmd(run, "--redo", "round-1.update", "--set", LAUNCH2), cwd=ROOT,
@@ -156,6 +157,7 @@ def test_killed_launched_update_resumes_to_the_same_adapter(base_run, launched2)
     assert q(run / "run.db", steps) == q(launched2 / "run.db", steps)
 
 
+@pytest.mark.slow
 def test_a_failing_launch_fails_the_phase_with_its_log(base_run, tmp_path):
     run = redo_copy(base_run, "launch-failing")
     bad = tmp_path / "one-gpu.yaml"  # accelerate refuses: multi-GPU with one GPU id

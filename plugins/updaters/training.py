@@ -246,9 +246,10 @@ def train(
                         share, weight = mb[:1], 0.0
                     with updater.autocast(device):
                         losses, mb_sums = micro(model, share)
-                    # FSDP2 averages gradients over the ranks: times world, a sum as in DDP
-                    scale = weight * (world if sharded else 1) / norm
-                    (losses.float().sum() * scale).backward()
+                    loss = losses.float().sum() / norm
+                    if sharded:  # FSDP2 averages gradients over the ranks: times world, a sum
+                        loss = loss * (weight * world)
+                    loss.backward()
                     if weight:
                         total_loss += losses.detach().float().sum().item()
                         for k, v in mb_sums.items():
