@@ -148,7 +148,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(options: LaunchOptions, inputs: Path, *, cpu: bool, port: int) -> list[str]:
+def launch_command(options: LaunchOptions, inputs: Path, *, port: int) -> list[str]:
     """The ``accelerate launch`` command line for the child."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--num_processes", str(options.num_processes), "--num_machines", "1",
@@ -180,7 +180,6 @@ def run_launched(runner, ctx, updater, output_dir: str):
 
     from loop import components as c
     from loop import plugins
-    from loop.diskfull import is_disk_full  # noqa: F401 - the runner handles disk errors
 
     options = updater.options.launch
     attempt = (runner.store.phase(ctx.round, "update") or {}).get("attempt") or 1
@@ -197,10 +196,7 @@ def run_launched(runner, ctx, updater, output_dir: str):
         "runs_dir": str(runner.config.runs_dir),
     }
     (folder / INPUTS).write_text(json.dumps(inputs, indent=2))
-    from loop.policy import resolve_device
-
-    cpu = resolve_device(runner.config.model.device) == "cpu"
-    cmd = launch_command(options, folder / INPUTS, cpu=cpu, port=_free_port())
+    cmd = launch_command(options, folder / INPUTS, port=_free_port())
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

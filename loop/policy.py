@@ -278,8 +278,8 @@ def quantized_loading(quantization: str | None, dtype, device: str) -> dict:
         raise UserError(f"model.quantization = {quantization!r} needs a CUDA device "
                         f"(bitsandbytes); model.device is {device!r}")
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as e:
         raise UserError(f"model.quantization = {quantization!r} needs bitsandbytes "
                         f"({e}); pip install 'selfloop[qlora]'") from None

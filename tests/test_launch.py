@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from world_runs import ENV, ROOT, q, run_world
 
 DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"
@@ -203,6 +202,7 @@ def test_qlora_trains_a_dpo_update_on_cuda(tmp_path):
         pytest.skip("needs a CUDA device")
     pytest.importorskip("bitsandbytes")
     from conftest import build_tiny_model, make_context
+
     from loop import components as c
     from loop.policy import Policy
     from plugins.updaters.dpo import DPOUpdater
