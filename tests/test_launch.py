@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from world_runs import ENV, ROOT, q, run_world
 
 DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"
