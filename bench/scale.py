@@ -4,8 +4,8 @@
     python bench/scale.py --part update --max-steps 6 --repeats 1 --per-round 16
 
 ``--part update`` (``update_overhead``): the update phase of one tiny-world DPO round,
-in-process and under ``accelerate launch`` with 1 and 2 processes (``[updater] launch``,
-loop/launch.py). A round is run once in-process (the seed model cached under
+in-process and under ``accelerate launch`` with 1 and 2 processes, data parallel, and 2
+FSDP2 processes (``[updater] launch``, loop/launch.py). A round is run once in-process (the seed model cached under
 ``--runs-dir``); each mode then re-runs its update phase on a copy of that run
 (``selfloop resume --redo round-1.update``, reference log-probs recomputed), and the
 update phase's own seconds are read from the run's ``phases`` table. Printed per mode:
@@ -82,9 +82,12 @@ def update_overhead(args) -> list[dict]:
     returns its rows."""
     base = _base_run(args)
     ddp = ROOT / "configs" / "accelerate" / "ddp.yaml"
+    fsdp2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
     modes = [("in-process", None, args.threads),
              ("launched x1", "updater.launch={num_processes=1}", args.threads),
              ("launched x2", f'updater.launch={{num_processes=2, config_file="{ddp}"}}',
+              max(1, args.threads // 2)),
+             ("fsdp2 x2", f'updater.launch={{num_processes=2, config_file="{fsdp2}"}}',
               max(1, args.threads // 2))]
     rows = []
     for label, launch, threads in modes:
