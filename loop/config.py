@@ -97,11 +97,32 @@ class ModelConfig(Strict):
     # A chat template for a model folder without one: a .jinja file (relative to this
     # config) or the template itself; saved in the run's config as the template text.
     chat_template: str | None = None
+    # QLoRA: load the base quantised by bitsandbytes for training (CUDA only; pip install
+    # 'selfloop[qlora]'); None: full precision. The vLLM generator serves the unquantised base.
+    quantization: Literal["4bit", "8bit"] | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.build is None):
             raise ValueError("give exactly one of model.path (a folder) or model.build (a builder)")
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_needs_cuda(self):
+        if self.quantization is None:
+            return self
+        from loop.policy import resolve_device
+
+        device = resolve_device(self.device)
+        if not device.startswith("cuda"):
+            raise ValueError(
+                f"model.quantization = {self.quantization!r} (QLoRA through bitsandbytes) needs a "
+                f"CUDA GPU, and model.device is {device!r} here; remove model.quantization on CPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError(f"model.quantization = {self.quantization!r} needs bitsandbytes: "
+                             "pip install 'selfloop[qlora]'") from None
         return self
 
 

@@ -51,8 +51,10 @@ class Policy:
         trust_remote_code: bool = False,
         threads: int | None = None,
         chat_template: str | None = None,
+        quantization: str | None = None,
     ):
         self.model_path = str(model_path)
+        self.quantization = quantization  # "4bit" | "8bit": QLoRA through bitsandbytes (CUDA)
         self.device = resolve_device(device)
         self.dtype_name = dtype
         self.trust_remote_code = trust_remote_code
@@ -105,19 +107,23 @@ class Policy:
                 from transformers.utils import logging as hf_logging
 
                 hf_logging.set_verbosity_error()
+            dtype = resolve_dtype(self.dtype_name, self.device)
+            extra = quantized_loading(self.quantization, dtype, self.device)
             try:
                 model = AutoModelForCausalLM.from_pretrained(
                     self.model_path,
-                    dtype=resolve_dtype(self.dtype_name, self.device),
+                    dtype=dtype,
                     trust_remote_code=self.trust_remote_code,
                     use_safetensors=True,
+                    **extra,
                 )
             except (OSError, ValueError) as e:
                 raise UserError(
                     f"model.path: cannot load {self.model_path!r} as a causal LM from "
                     f"safetensors ({e}); give a Hugging Face model folder with model.safetensors"
                 ) from e
-            model.to(self.device)
+            if not self.quantization:  # bitsandbytes placed it (device_map); .to() refuses
+                model.to(self.device)
             model.eval()
             self._base = model
         return self._base
@@ -160,18 +166,27 @@ class Policy:
         import torch
 
         if init_from is not None:
+            if self.quantization and self._peft is None:
+                from peft import prepare_model_for_kbit_training
+
+                prepare_model_for_kbit_training(self.base, use_gradient_checkpointing=False)
             self._load_adapter(str(init_from), trainable=True)
         else:
             from peft import get_peft_model
 
             torch.manual_seed(seed)
             if self._peft is None:
-                self._peft = get_peft_model(self.base, lora_config)
+                base = self.base
+                if self.quantization:  # QLoRA: PEFT's k-bit preparation, once, before LoRA
+                    from peft import prepare_model_for_kbit_training
+
+                    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+                self._peft = get_peft_model(base, lora_config)
             else:
                 self._peft.delete_adapter("default")
                 self._peft.add_adapter("default", lora_config)
                 self._peft.set_adapter("default")
-        self._peft.to(self.device)
+        self._to_device()
         for name, p in self._peft.named_parameters():
             p.requires_grad = "lora_" in name
         self.active = None  # weights are about to change; no folder holds them yet
@@ -217,8 +232,13 @@ class Policy:
                     f"{folder}: adapter weights do not fit the model "
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
-        self._peft.to(self.device)
+        self._to_device()
         self._peft.eval()
+
+    def _to_device(self) -> None:
+        if self.quantization:  # LoRA layers are made on the quantised layers' device
+            return
+        self._peft.to(self.device)
 
     def save_adapter(self, output_dir: str) -> None:
         """Write the slot as a standard PEFT folder (adapter_config.json + safetensors)."""
@@ -230,7 +250,9 @@ class Policy:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self._peft, adapter_name="default")
-        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        # FSDP2-sharded weights (a launched update) are gathered: a collective every rank runs.
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").contiguous()
+                 for k, v in state.items()}
         save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config = self._peft.peft_config["default"]
         config.save_pretrained(str(out))
@@ -245,6 +267,28 @@ class Policy:
             data["target_modules"] = sorted(data["target_modules"])
         cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
         _fsync_dir(out)
+
+
+def quantized_loading(quantization: str | None, dtype, device: str) -> dict:
+    """``from_pretrained`` keywords for a QLoRA base (bitsandbytes 4-bit NF4 with double
+    quantisation and ``dtype`` compute, or 8-bit), placed whole on ``device``; {} without."""
+    if not quantization:
+        return {}
+    if not str(device).startswith("cuda"):
+        raise UserError(f"model.quantization = {quantization!r} needs a CUDA device "
+                        f"(bitsandbytes); model.device is {device!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise UserError(f"model.quantization = {quantization!r} needs bitsandbytes "
+                        f"({e}); pip install 'selfloop[qlora]'") from None
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def damaged_adapter(file: Path, error: Exception) -> UserError:

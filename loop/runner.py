@@ -116,7 +116,7 @@ class Runner:
             m = self.config.model
             self._policy = Policy(self.model_path, device=m.device, dtype=m.dtype,
                                   trust_remote_code=m.trust_remote_code, threads=m.threads,
-                                  chat_template=m.chat_template)
+                                  chat_template=m.chat_template, quantization=m.quantization)
         return self._policy
 
     # -- signals -----------------------------------------------------------------
@@ -604,20 +604,7 @@ class Runner:
         return write
 
     def load_selection(self, r: int) -> c.Selection:
-        prompts, cands = self._load_round(r)
-        by_id = {x.id: x for x in cands}
-        pairs = [
-            c.Pair(prompt=prompts[row["prompt_id"]], chosen=by_id[row["chosen_id"]],
-                   rejected=by_id[row["rejected_id"]], chosen_score=row["chosen_score"],
-                   rejected_score=row["rejected_score"], source=row["source"], id=row["id"])
-            for row in self.store.rows("select * from pairs where round = ? and selected = 1 order by id", [r])
-        ]
-        selected = [
-            c.Selected(candidate=by_id[row["candidate_id"]], score=row["score"], rank=row["rank"],
-                       label=row["label"], group=row["group_key"], id=row["id"])
-            for row in self.store.selected(r)
-        ]
-        return c.Selection(pairs=pairs, selected=selected)
+        return load_selection(self.store, r)
 
     def _do_update(self, ctx: Context) -> Callable:
         from loop.model_card import write_model_card
@@ -642,7 +629,12 @@ class Runner:
             with blame(gen, "in release()"):
                 gen.release(ctx)
             try:
-                result = self._call(updater, "update", ctx, selection, str(tmp))
+                if getattr(updater.options, "launch", None) is not None:
+                    from loop.launch import run_launched  # accelerate launch, loop/launch.py
+
+                    result = run_launched(self, ctx, updater, str(tmp))
+                else:
+                    result = self._call(updater, "update", ctx, selection, str(tmp))
             finally:
                 with blame(gen, "in reclaim()"):
                     gen.reclaim(ctx)
@@ -684,6 +676,26 @@ class Runner:
             self.store.put_metrics(db, ctx.round, metrics, "evaluators", "evaluate")
 
         return write
+
+
+def load_selection(store: Store, r: int) -> c.Selection:
+    """Round ``r``'s stored selection (its pairs and selected candidates), as the update
+    phase gets it (also read by a launched update, loop/launch.py)."""
+    prompts = {p.id: p for p in store.load_prompts(r, generate_only=False)}
+    cands = store.load_candidates(r, prompts)
+    by_id = {x.id: x for x in cands}
+    pairs = [
+        c.Pair(prompt=prompts[row["prompt_id"]], chosen=by_id[row["chosen_id"]],
+               rejected=by_id[row["rejected_id"]], chosen_score=row["chosen_score"],
+               rejected_score=row["rejected_score"], source=row["source"], id=row["id"])
+        for row in store.rows("select * from pairs where round = ? and selected = 1 order by id", [r])
+    ]
+    selected = [
+        c.Selected(candidate=by_id[row["candidate_id"]], score=row["score"], rank=row["rank"],
+                   label=row["label"], group=row["group_key"], id=row["id"])
+        for row in store.selected(r)
+    ]
+    return c.Selection(pairs=pairs, selected=selected)
 
 
 def _check_losses(result: c.UpdateResult, updater: c.Updater, run_dir: Path) -> None:

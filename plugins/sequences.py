@@ -217,6 +217,14 @@ def _decoder(model):
     """The transformer body of a causal LM (PEFT-wrapped or not): it gives hidden states
     (LoRA layers are injected in place, so they apply) without the output head."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(inner, "unshard") and hasattr(inner, "reshard"):  # an FSDP2 unit
+        import loop
+
+        # Its own weights (embeddings, final norm, head) are gathered only in its forward.
+        raise loop.UserError(
+            "updater.launch: this updater runs the decoder and the head separately (a value "
+            "head: ppo), which FSDP2 sharding does not support yet; use "
+            "configs/accelerate/ddp.yaml for it")
     return inner.base_model, inner.get_output_embeddings()
 
 

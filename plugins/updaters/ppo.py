@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import loop
 from plugins.updaters.losses import (
@@ -90,6 +90,18 @@ class PPOUpdater(LoRAUpdater):
         vf_coef: float = Field(0.5, ge=0.0)
         # EMA decay of the saved policy's LoRA weights (0: save the trained weights).
         ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+
+        @model_validator(mode="after")
+        def _not_sharded(self):
+            from loop.launch import distributed_type
+
+            file = self.launch.config_file if self.launch is not None else None
+            if file and distributed_type(Path(file))[0] == "FSDP":
+                raise ValueError(
+                    "launch.config_file: ppo's value head runs the decoder and the head "
+                    "separately, which FSDP2 sharding does not support yet; use "
+                    "configs/accelerate/ddp.yaml")
+            return self
 
     def update(self, ctx, selection: loop.Selection, output_dir: str) -> loop.UpdateResult:
         opts = self.options

@@ -22,6 +22,7 @@ from pydantic import Field
 
 import loop
 from loop.context import derive_seed
+from loop.launch import LaunchOptions, fsdp_requested, rank
 from plugins.sequences import seeded, sequence_logps
 
 
@@ -62,6 +63,9 @@ class LoRAOptions(loop.Updater.Options):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # Modules to adapt: "all-linear" (every linear layer but the output head) or names.
     target_modules: str | list[str] = "all-linear"
+    # Run the update as an `accelerate launch` subprocess (loop/launch.py, docs/scale.md):
+    # {num_processes = N, config_file = "configs/accelerate/ddp.yaml"}; None: in-process.
+    launch: LaunchOptions | None = None
 
 
 class ReferenceOptions(LoRAOptions):
@@ -190,6 +194,12 @@ def train(
        its units; a token count for token-level losses) is back-propagated.
     4. Clip the gradient norm, AdamW step, schedule step, ``after_step(model)``; record a
        ``TrainStep`` whose metrics are ``micro``'s sums divided by the step's size.
+
+    In a launched update (``[updater] launch``, loop/launch.py) each of the ``world``
+    ranks takes every ``world``-th unit of each micro-batch and divides its losses by the
+    whole step's normaliser; the gradients are summed across ranks (all-reduce, or
+    FSDP2's reduce-scatter when the model is sharded), so every rank takes the step the
+    one-process loop takes, and the loss and metrics are the ranks' sums.
     """
     opts = updater.options
     policy = ctx.policy()
@@ -197,6 +207,8 @@ def train(
     steps_plan = plan(count, plan_options or opts, ctx.seed, lengths)
     total = len(steps_plan)
     steps: list[loop.TrainStep] = []
+    me, world = rank()
+    sharded = world > 1 and fsdp_requested()
     with seeded(ctx.seed, device):
         start = ctx.adapter if init_from is ... else init_from
         model = policy.trainable(updater.lora_config(), init_from=start, seed=ctx.seed)
@@ -205,9 +217,13 @@ def train(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             model.enable_input_require_grads()
+        if sharded:
+            blocks = shard(model, device)
+            ctx.event(f"FSDP2: the model sharded over {world} ranks ({blocks} blocks + the root)")
         params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
-        # The fused kernel updates every LoRA tensor in one call (CPU and CUDA have one).
-        fused = torch.device(device).type in ("cpu", "cuda")
+        # The fused kernel updates every LoRA tensor in one call (CPU and CUDA have one;
+        # not for FSDP2's sharded tensors).
+        fused = torch.device(device).type in ("cpu", "cuda") and not sharded
         optimizer = torch.optim.AdamW(
             params, lr=opts.learning_rate, weight_decay=opts.weight_decay, fused=fused
         )
@@ -221,13 +237,27 @@ def train(
                 total_loss = 0.0
                 sums: dict[str, float] = {}
                 for mb in micro_batches:
+                    share = mb[me::world]  # a launched update: this rank's part of the batch
+                    weight = 1.0
+                    if not share:
+                        if not sharded:
+                            continue
+                        # FSDP2's passes are collective: every rank runs one, at weight 0.
+                        share, weight = mb[:1], 0.0
                     with updater.autocast(device):
-                        losses, mb_sums = micro(model, mb)
-                    (losses.float().sum() / norm).backward()
-                    total_loss += losses.detach().float().sum().item()
-                    for k, v in mb_sums.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                        losses, mb_sums = micro(model, share)
+                    loss = losses.float().sum() / norm
+                    if sharded:  # FSDP2 averages gradients over the ranks: times world, a sum
+                        loss = loss * (weight * world)
+                    loss.backward()
+                    if weight:
+                        total_loss += losses.detach().float().sum().item()
+                        for k, v in mb_sums.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                if world > 1:
+                    reduce = list(extra_params) if sharded else params  # FSDP2 reduced the rest
+                    total_loss, sums = _sum_ranks(reduce, total_loss, sums)
+                grad_norm = clip(params, opts.max_grad_norm)
                 optimizer.step()
                 if after_step is not None:
                     after_step(model)
@@ -235,7 +265,7 @@ def train(
                     step=number,
                     loss=total_loss / norm,
                     learning_rate=schedule.get_last_lr()[0],
-                    grad_norm=float(grad_norm),
+                    grad_norm=grad_norm,
                     metrics={k: v / size for k, v in sums.items()},
                 )
                 record.metrics["train/epoch"] = float(epoch)
@@ -249,6 +279,73 @@ def train(
                 model.base_model.model.gradient_checkpointing_disable()
             model.eval()
     return steps
+
+
+def shard(model, device: str) -> int:
+    """FSDP2 (``fully_shard``) over the ranks of a launched update: each of the model's
+    no-split blocks (its decoder layers), then the transformers model as the root; the
+    frozen base and the LoRA weights are sharded alike. Forward and backward passes
+    gather and reduce-scatter them. Returns the number of blocks sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    inner = model.base_model.model  # PeftModel -> LoraModel -> the transformers model
+    mesh = init_device_mesh(torch.device(device).type, (rank()[1],))
+    blocks = set(getattr(inner, "_no_split_modules", None) or ())
+    count = 0
+    for module in inner.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+            count += 1
+    fully_shard(inner, mesh=mesh)
+    return count
+
+
+def clip(params, max_norm: float) -> float:
+    """Clip the gradient norm over ``params`` (FSDP2's sharded ones and plain ones, such
+    as a value head, together); the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    dt = [p for p in params if isinstance(p, DTensor)]
+    if not dt or len(dt) == len(params):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    a = torch.nn.utils.clip_grad_norm_(dt, float("inf")).full_tensor().float()
+    b = torch.nn.utils.clip_grad_norm_(plain, float("inf")).float().to(a.device)
+    total = float(torch.sqrt(a * a + b * b))
+    coef = min(1.0, max_norm / (total + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return total
+
+
+def _sum_ranks(params, total_loss: float, sums: dict[str, float]):
+    """Across the ranks of a launched update: the gradients summed (each rank divided its
+    share's losses by the whole step's normaliser, so the sum is the one-process gradient),
+    and the step's loss and metric sums added up. Every rank then takes the same step."""
+    import torch.distributed as dist
+
+    if params:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+            offset += n
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (total_loss, sums))
+    total = 0.0
+    merged: dict[str, float] = {}
+    for loss, part in gathered:  # in rank order: the same sums on every rank
+        total += loss
+        for k, v in part.items():
+            merged[k] = merged.get(k, 0.0) + v
+    return total, merged
 
 
 def summary(steps: list[loop.TrainStep], units: int, unit_name: str) -> dict[str, float]:
@@ -338,9 +435,12 @@ def read_cache(path: Path, meta: dict[str, str], ids: torch.Tensor) -> dict | No
 
 
 def write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write a cache file atomically: a temporary file, fsynced, then renamed."""
+    """Write a cache file atomically: a temporary file, fsynced, then renamed (rank 0 of
+    a launched update only: every rank computed the same tensors)."""
     from safetensors.torch import save_file
 
+    if rank()[0] != 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
