@@ -121,7 +121,8 @@ def server_args(model: str, *, port: int, dtype: str, device: str, max_lora_rank
 
 
 def launch(run_dir: Path, count: int, make_args, *, gpus: list[str] | None, sleep: bool,
-           startup_timeout_s: float, env: dict[str, str] | None = None) -> list[Server]:
+           startup_timeout_s: float, env: dict[str, str] | None = None,
+           cpus: list[str] | None = None) -> list[Server]:
     """Start ``count`` servers (``make_args(port)`` gives each one's command), wait until
     every one is healthy; on any failure stop them all and raise ``UserError``."""
     folder = Path(run_dir) / "servers"
@@ -135,6 +136,8 @@ def launch(run_dir: Path, count: int, make_args, *, gpus: list[str] | None, slee
             child_env.setdefault("HF_HUB_OFFLINE", "1")
             if gpus is not None:
                 child_env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+            if cpus is not None:
+                child_env["VLLM_CPU_OMP_THREADS_BIND"] = cpus[i]
             if sleep:
                 child_env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /sleep and /wake_up
             command = make_args(port)

@@ -87,12 +87,19 @@ class Launch(BaseModel):
                     "server over two GPUs with --tensor-parallel-size 2 in args)")
     servers: int | None = Field(
         None, ge=1, le=64, description="how many servers; None: one per gpus entry, else 1")
+    cpus: list[str] | None = Field(
+        None, min_length=1,
+        description="CPU servers: VLLM_CPU_OMP_THREADS_BIND of each, one entry per server "
+                    "(\"0\", \"1-3\", \"nobind\"); None: vLLM binds each itself")
 
     @model_validator(mode="after")
     def _check(self):
         if self.gpus is not None and self.servers is not None and self.servers != len(self.gpus):
             raise ValueError(f"servers = {self.servers} but gpus has {len(self.gpus)} entries "
                              "(one server per entry); drop one of them")
+        if self.cpus is not None and len(self.cpus) != self.count:
+            raise ValueError(f"cpus has {len(self.cpus)} entries for {self.count} server(s) "
+                             "(one entry per server)")
         m = self.model
         if m and m.startswith(("/", ".", "~")) and not Path(m).expanduser().exists():
             raise ValueError(f"model: {m!r} does not exist; give the model folder the servers "
@@ -268,7 +275,8 @@ class VLLMServerGenerator(loop.Generator):
 
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         return vllm_launch.launch(Path(ctx.run_dir), launch.count, make_args, gpus=launch.gpus,
-                                  sleep=o.sleep, startup_timeout_s=o.startup_timeout_s, env=env)
+                                  cpus=launch.cpus, sleep=o.sleep,
+                                  startup_timeout_s=o.startup_timeout_s, env=env)
 
     def _health(self, e: _Endpoint, field: str) -> None:
         res = e.root.get_json("/health", json_reply=False, retries=min(self.options.retries, 2),
