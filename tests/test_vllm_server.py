@@ -24,9 +24,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import make_context
 
 import loop
-from conftest import make_context
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "vllm_server_demo.toml"
@@ -86,7 +86,7 @@ def alive(pid: int) -> bool:
 def test_demo_config_validates():
     from loop.runs import prepare
 
-    config, comps = prepare(str(CONFIG))
+    _, comps = prepare(str(CONFIG))
     gen = comps.generator
     assert gen.name == "vllm_server" and gen.options.launch.count == 2
     assert gen.options.urls is None and not gen.options.sleep
@@ -144,7 +144,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 def test_launcher_health_exit_codes_and_timeouts(tmp_path):
     from plugins.generators import vllm_launch
 
-    ok = lambda port: [sys.executable, "-c", FAKE_SERVER, str(port)]  # noqa: E731
+    ok = lambda port: [sys.executable, "-c", FAKE_SERVER, str(port)]
     servers = vllm_launch.launch(tmp_path, 2, ok, gpus=None, sleep=False, startup_timeout_s=60)
     try:
         assert len({s.url for s in servers}) == 2
@@ -159,14 +159,14 @@ def test_launcher_health_exit_codes_and_timeouts(tmp_path):
             s.stop()
     assert all(s.exit_code() is not None for s in servers)
 
-    dies = lambda port: [sys.executable, "-c", "import sys; print('ValueError: no model'); sys.exit(3)"]  # noqa: E731
+    dies = lambda port: [sys.executable, "-c", "import sys; print('ValueError: no model'); sys.exit(3)"]
     with pytest.raises(loop.UserError) as e:
         vllm_launch.launch(tmp_path / "b", 1, dies, gpus=None, sleep=False, startup_timeout_s=60)
     msg = str(e.value)
     assert "generator.launch" in msg and "exited with code 3" in msg and "ValueError: no model" in msg
     assert str(tmp_path / "b" / "servers" / "server-0.log") in msg
 
-    mute = lambda port: [sys.executable, "-c", "import time; time.sleep(60)"]  # noqa: E731
+    mute = lambda port: [sys.executable, "-c", "import time; time.sleep(60)"]
     with pytest.raises(loop.UserError, match="not healthy within generator.startup_timeout_s"):
         vllm_launch.launch(tmp_path / "c", 1, mute, gpus=None, sleep=False, startup_timeout_s=1)
     info = json.loads((tmp_path / "c" / "servers" / "server-0.json").read_text())
@@ -386,7 +386,7 @@ def test_launched_server_killed_mid_round_then_resume(world_runs_dir, seed_model
                     os.killpg(killed["pid"], signal.SIGKILL)
                     break
             time.sleep(0.2)
-        out, err = runner.communicate(timeout=600)
+        _, err = runner.communicate(timeout=600)
     finally:
         if runner.poll() is None:
             runner.kill()

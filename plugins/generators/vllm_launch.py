@@ -11,14 +11,14 @@ runtime LoRA updating on. It is:
   (``generator.launch``), the log file and the log's last error line;
 - **stopped** at the end of the run and on failure: SIGTERM to its process group (it is a
   session leader, so vLLM's engine-core child goes too), SIGKILL after a grace period;
-- **tied to the runner**: ``PR_SET_PDEATHSIG`` (Linux) sends it SIGTERM when the process
-  that launched it dies, even by SIGKILL, so a killed runner leaves no server behind.
-  The signal follows the launching *thread*: servers are started from the caller's thread.
+- **tied to the runner**: ``PR_SET_PDEATHSIG`` (Linux; set by a small exec wrapper,
+  ``tied``) sends it SIGTERM when the process that launched it dies, even by SIGKILL, so
+  a killed runner leaves no server behind. The signal follows the launching *thread*:
+  servers are started from the caller's thread (the runner's main thread).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -42,13 +42,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tie_to_parent() -> None:  # runs in the child, between fork and exec
-    os.setsid()  # its own process group: stopping it stops vLLM's children too
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: stopped at the end of the run only
-        pass
+# Run before the server's own command, in the child: ask for SIGTERM when the parent dies
+# (PR_SET_PDEATHSIG survives exec), stop if the parent is already gone, then exec the
+# server. (A preexec_fn would do the same between fork and exec, but is unsafe in a
+# process with threads.)
+TIE = f"""
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def tied(command: list[str]) -> list[str]:
+    """``command`` wrapped so that it gets SIGTERM when this process dies."""
+    return [sys.executable, "-c", TIE, str(os.getpid()), *command]
 
 
 @dataclass
@@ -144,9 +156,10 @@ def launch(run_dir: Path, count: int, make_args, *, gpus: list[str] | None, slee
             with open(log, "ab") as out:
                 out.write(f"# selfloop: {' '.join(command)}\n".encode())
                 out.flush()
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                # its own session: stopping its process group stops vLLM's children too
+                proc = subprocess.Popen(tied(command), stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=child_env,
-                                        preexec_fn=_tie_to_parent)
+                                        start_new_session=True)
             server = Server(i, f"http://127.0.0.1:{port}/v1", log, proc, command)
             servers.append(server)
             (folder / f"server-{i}.json").write_text(json.dumps(

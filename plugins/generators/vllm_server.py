@@ -49,19 +49,27 @@ import os
 import queue
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import loop
 from loop.context import derive_seed
+from loop.errors import ConfigError
 from loop.http_client import HttpClient
 from plugins.generators import vllm_launch
-from plugins.generators.vllm import (LORA_RANKS, PolicyOutOfSync, VLLMGenerator,
-                                     _adapter_rank, _check_head_dim, _completion,
-                                     _GenerationConfigHolder)
+from plugins.generators.vllm import (
+    LORA_RANKS,
+    PolicyOutOfSync,
+    VLLMGenerator,
+    _adapter_rank,
+    _check_head_dim,
+    _completion,
+    _GenerationConfigHolder,
+)
 from plugins.sequences import encode_prompt, encode_response, stop_token_ids
 
 
@@ -218,7 +226,10 @@ class VLLMServerGenerator(loop.Generator):
         if o.launch is not None and o.launch.model is None:
             _check_head_dim(model_path, device)  # the launched servers load this folder
         for url in o.urls or ():  # at validation: an unreachable server is bad input
-            self._health(_Endpoint(url, options=o, headers={}, secrets=()), "generator.urls")
+            e = _Endpoint(url, options=o, headers={}, secrets=())
+            problem = self._unreachable(e)
+            if problem:
+                raise ConfigError(problem, field="generator.urls")
 
     def _auth(self):
         env = self.options.api_key_env
@@ -244,7 +255,9 @@ class VLLMServerGenerator(loop.Generator):
         if o.launch is None:
             endpoints = [_Endpoint(u, options=o, headers=headers, secrets=secrets) for u in o.urls]
             for e in endpoints:
-                self._health(e, "generator.urls")
+                problem = self._unreachable(e)
+                if problem:
+                    raise loop.UserError(f"generator.urls: {problem}")
             self._base_name = o.model or self._listed_base(endpoints[0])
         else:
             self._max_rank = next(r for r in LORA_RANKS
@@ -278,12 +291,14 @@ class VLLMServerGenerator(loop.Generator):
                                   cpus=launch.cpus, sleep=o.sleep,
                                   startup_timeout_s=o.startup_timeout_s, env=env)
 
-    def _health(self, e: _Endpoint, field: str) -> None:
+    def _unreachable(self, e: _Endpoint) -> str | None:
+        """Why ``e`` does not answer ``GET /health`` (None: it does)."""
         res = e.root.get_json("/health", json_reply=False, retries=min(self.options.retries, 2),
                               timeout_s=10)
-        if res.error is not None:
-            raise loop.UserError(f"{field}: {e.url} is not reachable ({res.error}); start the "
-                                 "server (docs/vllm.md, \"vLLM servers\") or fix the url")
+        if res.error is None:
+            return None
+        return (f"{e.url} is not reachable ({res.error}); start the server (docs/vllm.md, "
+                "\"vLLM servers\") or fix the url")
 
     def _listed_base(self, e: _Endpoint) -> str:
         res = e.api.get_json("/models", parse=lambda d: [m["id"] for m in d["data"]
