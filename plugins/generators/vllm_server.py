@@ -153,7 +153,7 @@ class VLLMServerGenerator(loop.Generator):
             None, min_length=1,
             description="API bases of servers you run (http://host:port/v1); or set launch")
         launch: Launch | None = Field(
-            None, description="start the servers: {model, args, gpus, servers}; or set urls")
+            None, description="start the servers: {model, args, gpus, servers, cpus}; or set urls")
         model: str | None = Field(
             None, min_length=1,
             description="the base model's name on the urls servers; None: the first they list")
