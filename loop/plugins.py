@@ -31,6 +31,7 @@ from loop.errors import ConfigError, PluginError
 BUILTINS = (
     "plugins.generators.hf",
     "plugins.generators.vllm",
+    "plugins.generators.vllm_server",
     "plugins.judges.self_reward",
     "plugins.judges.constitutional",
     "plugins.judges.reward_model",
