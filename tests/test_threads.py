@@ -60,9 +60,9 @@ def test_policy_applies_the_count_when_it_loads(tiny_model_dir, monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv(threads.ENV_THREADS, "1")
     try:
-        Policy(str(tiny_model_dir), device="cpu").base
+        assert Policy(str(tiny_model_dir), device="cpu").base is not None
         assert torch.get_num_threads() == 1
-        Policy(str(tiny_model_dir), device="cpu", threads=2).base
+        assert Policy(str(tiny_model_dir), device="cpu", threads=2).base is not None
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
