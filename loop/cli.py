@@ -454,4 +454,7 @@ def init(model, output, generator, prompts, name, force):
 
 
 def main():  # pragma: no cover - console entry
+    from loop.threads import early_env
+
+    early_env()  # OpenMP wait policy, before anything imports torch (loop/threads.py)
     cli()

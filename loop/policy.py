@@ -96,11 +96,12 @@ class Policy:
     @property
     def base(self):
         if self._base is None:
-            import torch
             from transformers import AutoModelForCausalLM
 
-            if self.threads:
-                torch.set_num_threads(self.threads)
+            from loop.threads import apply as apply_threads
+
+            # [model] threads, else SELFLOOP_THREADS, else the cores we may run on
+            apply_threads(self.threads)
             if "TRANSFORMERS_VERBOSITY" not in os.environ:
                 # Generation warnings would scroll the dashboard away; opt back in with
                 # TRANSFORMERS_VERBOSITY=warning.

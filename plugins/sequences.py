@@ -182,6 +182,91 @@ def _picked_logps(logits: torch.Tensor, batch) -> torch.Tensor:
     return token - torch.logsumexp(picked, dim=-1)
 
 
+# Logits of at most this many (position, vocabulary) entries exist at once in the chunked
+# output head (64 MiB of float32): a 152k vocabulary gets 110 positions per chunk, the
+# tests' 80-token one a single chunk.
+HEAD_CHUNK_ELEMENTS = 2**24
+
+# Config fields of models whose forward transforms the head's output (soft-capping,
+# scaling): their log-probs come from the model's own logits, never the chunked head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_soft_cap")
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, HEAD_CHUNK_ELEMENTS // max(1, vocab))
+
+
+class _HeadLogps(torch.autograd.Function):
+    """log p(target) of each row of ``hidden`` [K, H] under the output head ``weight``
+    [V, H] (+ ``bias``), chunk by chunk: ``h·W_t - logsumexp(h·W)`` in float32.
+
+    The forward keeps only the per-row log-sum-exp [K]; the backward recomputes each
+    chunk's logits and turns them into ``g · (onehot(target) - softmax)``, so no [K, V]
+    tensor outlives one chunk (the scheme of fused linear + cross-entropy kernels).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, rows):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], rows):
+            logits = torch.nn.functional.linear(hidden[s : s + rows], weight, bias).float()
+            lse[s : s + rows] = torch.logsumexp(logits, dim=-1)
+            out[s : s + rows] = logits.gather(-1, target[s : s + rows, None])[:, 0] - lse[s : s + rows]
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for s in range(0, hidden.shape[0], ctx.rows):
+            h = hidden[s : s + ctx.rows]
+            logits = torch.nn.functional.linear(h, weight, bias).float()
+            # d/dlogits of (logit_t - lse) is onehot(t) - softmax; times the incoming grad
+            g = torch.exp(logits - lse[s : s + ctx.rows, None]).mul_(-grad[s : s + ctx.rows, None])
+            g.scatter_add_(-1, target[s : s + ctx.rows, None], grad[s : s + ctx.rows, None].float())
+            if need_h:
+                grad_h[s : s + ctx.rows] = g.to(weight.dtype) @ weight
+            if need_w:
+                grad_w.addmm_(g.t(), h.float())
+            if need_b:
+                grad_b += g.sum(0)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _plain_head(model):
+    """(decoder, head) when the log-probs may come from the chunked head: the output
+    head is a plain ``nn.Linear`` and the config names no transform of its output;
+    else None (the model's own forward computes the logits)."""
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    try:
+        decoder, head = _decoder(model)
+    except AttributeError:
+        return None
+    if type(head) is not torch.nn.Linear or decoder is None:
+        return None
+    return decoder, head
+
+
+def head_logps(hidden: torch.Tensor, head: torch.nn.Linear, target: torch.Tensor) -> torch.Tensor:
+    """log p(target) [K] (float32) of hidden states [K, H] under the output head
+    ``head``, computed in chunks (``HEAD_CHUNK_ELEMENTS``) with a backward that
+    recomputes each chunk's logits instead of keeping them."""
+    return _HeadLogps.apply(hidden, head.weight, head.bias, target, _chunk_rows(head.weight.shape[0]))
+
+
 def scored_token_logps(
     model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -189,18 +274,31 @@ def scored_token_logps(
     ``seq`` says which sequence each token belongs to (tokens of one sequence are
     consecutive and in order), in one packed forward pass.
 
-    Logits are computed only at the positions that predict a response token
-    (``logits_to_keep``), and each token's log-prob is its logit minus the log-sum-exp
-    of its row, in float32, over those positions only: no [B, T, vocab] tensor is made.
+    The decoder runs once over the packed rows; the output head then sees only the
+    hidden states that predict a response token, a chunk of positions at a time
+    (``head_logps``): each token's log-prob is its logit minus the log-sum-exp of its
+    row, in float32, and no [K, vocab] logits tensor exists beyond one chunk, in the
+    forward or the backward pass. Models whose head is not a plain linear layer (or
+    whose forward rescales its logits) take their own forward with ``logits_to_keep``.
     """
     batch = packed_batch(prompts, responses, pad_id, device, additive_mask=_attention_dtype(model))
-    logits = model(
+    plain = _plain_head(model)
+    if plain is None:
+        logits = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=batch["keep"],
+        ).logits
+        return _picked_logps(logits, batch), batch
+    decoder, head = plain
+    hidden = decoder(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         attention_mask=batch["attention_mask"],
-        logits_to_keep=batch["keep"],
-    ).logits
-    return _picked_logps(logits, batch), batch
+    ).last_hidden_state
+    picked = hidden[batch["row"], batch["keep"][batch["col"]]]
+    return head_logps(picked, head, batch["target"]), batch
 
 
 def sequence_logps(
@@ -249,9 +347,12 @@ def hidden_pass(
     out = dict(batch)
     out["hidden_last"] = hidden[batch["last_row"], batch["last_col"]]
     if logps:
-        kept = hidden[:, batch["keep"]]
-        out["token_logps"] = _picked_logps(head(kept), batch)
-        out["hidden_tokens"] = kept[batch["row"], batch["col"]]
+        picked = hidden[batch["row"], batch["keep"][batch["col"]]]
+        if _plain_head(model) is not None:
+            out["token_logps"] = head_logps(picked, head, batch["target"])
+        else:
+            out["token_logps"] = _picked_logps(head(hidden[:, batch["keep"]]), batch)
+        out["hidden_tokens"] = picked
     return out
 
 

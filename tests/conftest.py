@@ -12,6 +12,11 @@ import types
 from pathlib import Path
 
 import pytest
+
+from loop.threads import early_env
+
+early_env()  # idle OpenMP threads sleep (loop/threads.py); before torch loads libgomp
+
 import torch
 
 torch.set_num_threads(2)

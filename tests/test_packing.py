@@ -75,3 +75,50 @@ def test_layout_shares_each_prompt_and_hides_siblings():
     assert batch["position_ids"][0, at_second] == len(prompt)
     # every scored token is predicted at the position just before it in its own sequence
     assert sorted(batch["target"].tolist()) == sorted(first + second + [21, 22])
+
+
+@pytest.fixture
+def sdpa_model(tiny_model_dir):
+    """The head comes after attention: one attention implementation is enough."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+
+
+def test_chunked_head_equals_full_logits_with_gradients(sdpa_model, monkeypatch):
+    """The output head in chunks of 3 positions (``HEAD_CHUNK_ELEMENTS``) gives the same
+    sequence log-probs and the same gradients (head weight included) as full-vocabulary
+    logits of each sequence alone, and keeps no [tokens, vocab] tensor for the backward."""
+    vocab = sdpa_model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(seqs, "HEAD_CHUNK_ELEMENTS", 3 * vocab)
+    prompts, responses = sequences(2)
+    weights = torch.linspace(1.5, 0.5, len(prompts))
+    sdpa_model.train()
+    token, batch = seqs.scored_token_logps(sdpa_model, prompts, responses, 0, "cpu")
+    assert type(token.grad_fn).__name__ == "_HeadLogpsBackward"
+    hidden, weight, _bias, *rest = token.grad_fn.saved_tensors  # no [tokens, vocab] logits
+    assert hidden.shape == (token.shape[0], weight.shape[1]) and all(t.dim() == 1 for t in rest)
+    got_logps = torch.zeros(len(prompts)).index_add(0, batch["seq"], token)
+    (got_logps * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in sdpa_model.named_parameters()}
+    sdpa_model.zero_grad(set_to_none=True)
+    want_logps = torch.stack([alone(sdpa_model, p, r) for p, r in zip(prompts, responses)])
+    (want_logps * weights).sum().backward()
+    torch.testing.assert_close(got_logps, want_logps.detach(), atol=1e-5, rtol=1e-6)
+    assert got["lm_head.weight"].abs().sum() > 0
+    for name, param in sdpa_model.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_transformed_logits_take_the_models_own_forward(sdpa_model, monkeypatch):
+    """A config that rescales the head's output (Cohere's logit_scale, Gemma's soft-cap)
+    keeps the model's own logits; a plain Llama head takes the chunked one."""
+    prompts, responses = sequences()
+    assert seqs._plain_head(sdpa_model) is not None
+    with torch.no_grad():
+        chunked, _ = seqs.scored_token_logps(sdpa_model, prompts, responses, 0, "cpu")
+    monkeypatch.setattr(sdpa_model.config, "final_logit_softcapping", 30.0, raising=False)
+    assert seqs._plain_head(sdpa_model) is None  # (Llama ignores the field: same numbers)
+    with torch.no_grad():
+        own, _ = seqs.scored_token_logps(sdpa_model, prompts, responses, 0, "cpu")
+    torch.testing.assert_close(own, chunked, atol=1e-5, rtol=1e-6)

@@ -205,6 +205,10 @@ class VLLMGenerator(loop.Generator):
         # The engine core in this process: no spawned child (which would re-import the
         # caller's __main__) and one address space with the PEFT policy.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # No pinning of vLLM's OpenMP threads to cores (its "auto" binds multi-process
+        # workers): a pinned thread cannot leave a core another process is using. See
+        # loop/threads.py; set VLLM_CPU_OMP_THREADS_BIND to bind anyway.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         try:
             import torch
             from vllm import LLM
