@@ -246,9 +246,10 @@ class HFGenerator(loop.Generator):
     ) -> list[list[float]]:
         """Per chat, each label's teacher-forced log-prob (its tokens, then EOS), the same
         numbers ``logprobs`` gives for the rows (chat, label). Each chat is encoded once
-        and ``batch_size`` chats go into one packed forward pass, in which a chat's prompt
-        is written once and every label follows it (``packed_batch``): the labels' first
-        tokens are read from the one logit row at the prompt's end."""
+        and ``batch_size`` chats go into one packed forward pass, one row per chat, in which
+        the prompt is written once and every label follows it (``packed_batch`` with
+        ``row_tokens=0``: a chat attends over its own row only): the labels' first tokens
+        are read from the one logit row at the prompt's end."""
         labels = list(labels)
         policy = ctx.policy()
         tok = policy.tokenizer
@@ -261,7 +262,7 @@ class HFGenerator(loop.Generator):
                 heads = [encode_prompt(tok, chat) for chat in chats[start:start + size]]
                 sums = sequence_logps(model, [h for h in heads for _ in answers],
                                       [a for _ in heads for a in answers], tok.pad_token_id,
-                                      model.device).tolist()
+                                      model.device, row_tokens=0).tolist()
                 out.extend(sums[i * k:(i + 1) * k] for i in range(len(heads)))
         return out
 
