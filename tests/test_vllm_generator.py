@@ -239,18 +239,23 @@ def test_label_logprobs_batched_on_a_lora_engine_equal_the_per_row_path(gen, pol
     assert 0 < ctx.reported["vllm/judge/prefix_cache_hit_rate"] < 1
 
 
-def test_rl_cai_judge_same_scores_batched_and_per_row(gen, policy, adapters, monkeypatch):
+def test_rl_cai_judge_same_scores_batched_and_per_row(gen, policy, adapters, monkeypatch,
+                                                      tmp_path):
     """The constitutional_preference judge's stored scores and log-probs: the batched
     label path vs one row per call (the old path), on vLLM, and on the hf generator."""
     import types
 
     from plugins.judges.constitutional import ConstitutionalPreferenceJudge
 
+    # short (the tests' tokenizer is one token per character; the engine's limit is 256)
+    template = tmp_path / "pref.j2"
+    template.write_text("{{ question }}\nQ: {{ prompt }}\nA: {{ first }}\nB: {{ second }}\nA or B?")
+
     prompt = loop.Prompt(text="Sort the letters: c a b", id=1)
     cands = [loop.Candidate(prompt=prompt, text=t, id=i)
              for i, t in enumerate(["a b c", "c b a", "abc, sorted", "b"])]
-    judge = ConstitutionalPreferenceJudge(ConstitutionalPreferenceJudge.Options(comparisons=6),
-                                          label="pref")
+    judge = ConstitutionalPreferenceJudge(ConstitutionalPreferenceJudge.Options(
+        comparisons=6, template=str(template), principles=["concise"]), label="pref")
 
     def run(generator):
         ctx = make_context(policy, generator=generator, phase="judge", adapter=adapters[1])
