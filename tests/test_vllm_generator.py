@@ -221,16 +221,16 @@ def test_label_logprobs_batched_on_a_lora_engine_equal_the_per_row_path(gen, pol
     from plugins.judges.constitutional import LABELS
 
     hf = HFGenerator(HFGenerator.Options(batch_size=4))
-    for labels in (list(LABELS), ["A", "no", "B"]):
-        for adapter in (None, adapters[0]):
-            ctx = ctx_for(policy, phase="judge")
-            batched = gen.label_logprobs(ctx, LABEL_CHATS, labels, adapter=adapter)
-            per_row = loop.Generator.label_logprobs(gen, ctx, LABEL_CHATS, labels, adapter=adapter)
-            theirs = hf.label_logprobs(ctx, LABEL_CHATS, labels, adapter=adapter)
-            assert [len(r) for r in batched] == [len(labels)] * len(LABEL_CHATS)
-            for b, r, h in zip(batched, per_row, theirs):
-                assert b == pytest.approx(r, abs=1e-4) and b == pytest.approx(h, abs=1e-4)
-            assert len({tuple(round(x, 3) for x in r) for r in batched}) > 1  # chats differ
+    labels = [LABELS[0], "no", LABELS[1]]
+    for adapter in (None, adapters[0]):
+        ctx = ctx_for(policy, phase="judge")
+        batched = gen.label_logprobs(ctx, LABEL_CHATS, labels, adapter=adapter)
+        per_row = loop.Generator.label_logprobs(gen, ctx, LABEL_CHATS, labels, adapter=adapter)
+        theirs = hf.label_logprobs(ctx, LABEL_CHATS, labels, adapter=adapter)
+        assert [len(r) for r in batched] == [len(labels)] * len(LABEL_CHATS)
+        for b, r, h in zip(batched, per_row, theirs):
+            assert b == pytest.approx(r, abs=1e-4) and b == pytest.approx(h, abs=1e-4)
+        assert len({tuple(round(x, 3) for x in r) for r in batched}) > 1  # chats differ
     # the one-token labels' EOS requests extend the chats' own: with 32-token blocks the
     # chats longer than a block read them from the prefix cache
     ctx = ctx_for(policy, phase="judge")
