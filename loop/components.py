@@ -320,6 +320,21 @@ class Generator(Component):
         """Sum of log-probs of each response's tokens given its chat (teacher forcing)."""
         raise NotImplementedError
 
+    def label_logprobs(
+        self, ctx: Context, chats: Sequence[Chat], labels: Sequence[str], *, adapter: str | None
+    ) -> list[list[float]]:
+        """Per chat, the log-prob of each of ``labels`` as the whole reply, in order: exactly
+        what ``logprobs`` gives for the rows (chat, label), which is this default (one row
+        per chat and label). A judge reading a choice ("A" or "B") calls this; generators
+        override it to score every label of a chat from one pass over the chat (the labels'
+        first tokens read from the same next-token distribution) and to batch across chats.
+        """
+        labels = list(labels)
+        k = len(labels)
+        flat = self.logprobs(ctx, [c for c in chats for _ in labels],
+                             [lab for _ in chats for lab in labels], adapter=adapter)
+        return [list(flat[i * k:(i + 1) * k]) for i in range(len(chats))]
+
     def check_model(self, model_path: str, device: str) -> None:
         """At validation, before the run folder exists: raise ``UserError`` if this
         generator cannot serve the model folder on ``device`` ("cpu", "cuda", ...)."""

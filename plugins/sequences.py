@@ -68,6 +68,7 @@ def packed_batch(
     device,
     *,
     additive_mask: torch.dtype | None = None,
+    row_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sequences packed into few rows, each distinct prompt written once.
 
@@ -77,6 +78,9 @@ def packed_batch(
     exactly what it would see alone after its prompt (chosen and rejected of a pair
     share one prompt pass). Groups fill rows of ``ROW_TOKENS`` first-fit, longest
     first; the rest of a row is padding that attends only to itself.
+
+    ``row_tokens``: the row size (None: ``ROW_TOKENS``; 0: each prompt group in a row of
+    its own, for many short groups: attention over a shared row costs its whole width).
 
     Returns ``input_ids`` and ``position_ids`` [R, T], ``attention_mask`` [R, 1, T, T]
     (bool, True = may attend; or 0 / dtype-min floats when ``additive_mask`` is a
@@ -95,7 +99,7 @@ def packed_batch(
          for p, members in groups.items()),
         key=lambda g: -g[0],
     )
-    capacity = max(ROW_TOKENS, sized[0][0])
+    capacity = max(ROW_TOKENS if row_tokens is None else row_tokens, sized[0][0])
     rows: list[list[tuple[tuple[int, ...], list[int]]]] = []
     room: list[int] = []
     for size, p, members in sized:
@@ -268,7 +272,8 @@ def head_logps(hidden: torch.Tensor, head: torch.nn.Linear, target: torch.Tensor
 
 
 def scored_token_logps(
-    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device
+    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device,
+    *, row_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Log p of every scored response token [K] (float32) and the packed batch, whose
     ``seq`` says which sequence each token belongs to (tokens of one sequence are
@@ -281,7 +286,8 @@ def scored_token_logps(
     forward or the backward pass. Models whose head is not a plain linear layer (or
     whose forward rescales its logits) take their own forward with ``logits_to_keep``.
     """
-    batch = packed_batch(prompts, responses, pad_id, device, additive_mask=_attention_dtype(model))
+    batch = packed_batch(prompts, responses, pad_id, device, additive_mask=_attention_dtype(model),
+                         row_tokens=row_tokens)
     plain = _plain_head(model)
     if plain is None:
         logits = model(
@@ -302,11 +308,13 @@ def scored_token_logps(
 
 
 def sequence_logps(
-    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device
+    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device,
+    *, row_tokens: int | None = None,
 ) -> torch.Tensor:
     """Summed log p(response | prompt) of each sequence [N], float32, in one packed
     forward pass (``scored_token_logps``)."""
-    token, batch = scored_token_logps(model, prompts, responses, pad_id, device)
+    token, batch = scored_token_logps(model, prompts, responses, pad_id, device,
+                                      row_tokens=row_tokens)
     sums = torch.zeros(len(prompts), dtype=torch.float32, device=token.device)
     return sums.index_add(0, batch["seq"], token)
 

@@ -273,6 +273,34 @@ def test_rl_cai_on_the_tiny_model_cancels_position(tiny_policy):
     assert "P(preferred)" in j1.raw
 
 
+def test_rl_cai_batched_labels_give_the_per_row_scores(tiny_policy):
+    """hf: label_logprobs (each chat once, both labels after it, one row per chat) stores
+    the scores and log-probs of the per-row path (Generator's default on logprobs), for
+    several prompts in one call and a batch_size that splits the chats."""
+
+    class PerRow(HFGenerator):
+        label_logprobs = loop.Generator.label_logprobs
+
+    prompts = [loop.Prompt(text=f"Sort the letters: {t}", id=i) for i, t in enumerate(["c a b", "d b"])]
+    cands = [loop.Candidate(prompt=p, text=t, id=10 * p.id + k)
+             for p in prompts for k, t in enumerate(["a b c", "b", "c b a, done"])]
+    judge = ConstitutionalPreferenceJudge(
+        ConstitutionalPreferenceJudge.Options(comparisons=3, batch_size=5), label="pref")
+
+    def run(gen):
+        res = judge.judge(make_context(tiny_policy, generator=gen, phase="judge"), cands)
+        return res, [(j.candidate.id, j.score, [c["logprobs"] for c in j.meta["comparisons"]])
+                     for j in res.judgments]
+
+    batched, got = run(HFGenerator(HFGenerator.Options(batch_size=3)))
+    per_row, want = run(PerRow(PerRow.Options(batch_size=4)))
+    assert len(got) == 6
+    for (i, s, lps), (i2, s2, lps2) in zip(got, want):
+        assert i == i2 and s == pytest.approx(s2, abs=1e-6)
+        assert sum(lps, []) == pytest.approx(sum(lps2, []), abs=1e-5)
+    assert batched.metrics == pytest.approx(per_row.metrics, abs=1e-6)
+
+
 def test_rl_cai_limits_comparisons_per_prompt(tiny_policy):
     ctx = make_context(tiny_policy, generator=HFGenerator(), phase="judge")
     prompt = loop.Prompt(text="Q", id=1)

@@ -79,7 +79,9 @@ def policy(model_dir):
 def gen():
     from plugins.generators.vllm import VLLMGenerator
 
-    g = VLLMGenerator(VLLMGenerator.Options(dtype="float32", max_model_len=256, kv_cache_gib=0.25))
+    # block_size 32 (vLLM's CPU default is 128): the label test below reads the prefix cache
+    g = VLLMGenerator(VLLMGenerator.Options(dtype="float32", max_model_len=256, kv_cache_gib=0.25,
+                                            block_size=32))
     yield g
     g.close()
 
@@ -201,6 +203,74 @@ def test_bad_adapters_are_clear_errors(gen, policy, adapters, tmp_path):
     (big / "adapter_model.safetensors").rename(big / "adapter_model.bin")  # not loaded: pickle
     with pytest.raises(loop.UserError, match="safetensors only"):
         gen.generate(ctx_for(policy), CHATS[:1], loop.Sampling(max_new_tokens=2), adapter=str(big))
+
+
+LABEL_CHATS = [
+    [{"role": "user", "content": "Which answer is better for the request below, A or B? "
+                                 "Reply with one letter."}],
+    [{"role": "user", "content": "Pick one option, A or B, for the same long question here."}],
+    *CHATS,
+]
+
+
+def test_label_logprobs_batched_on_a_lora_engine_equal_the_per_row_path(gen, policy, adapters):
+    """Several chats in one call on a LoRA-enabled engine (batched prompt log-probs crash
+    there: docs/vllm.md), against the per-row path (Generator's default on ``logprobs``,
+    one prompt-logprobs call per row) and the hf generator. "no" is two tokens + EOS, so
+    three depths are scored."""
+    from plugins.judges.constitutional import LABELS
+
+    hf = HFGenerator(HFGenerator.Options(batch_size=4))
+    labels = [LABELS[0], "no", LABELS[1]]
+    for adapter in (None, adapters[0]):
+        ctx = ctx_for(policy, phase="judge")
+        batched = gen.label_logprobs(ctx, LABEL_CHATS, labels, adapter=adapter)
+        per_row = loop.Generator.label_logprobs(gen, ctx, LABEL_CHATS, labels, adapter=adapter)
+        theirs = hf.label_logprobs(ctx, LABEL_CHATS, labels, adapter=adapter)
+        assert [len(r) for r in batched] == [len(labels)] * len(LABEL_CHATS)
+        for b, r, h in zip(batched, per_row, theirs):
+            assert b == pytest.approx(r, abs=1e-4) and b == pytest.approx(h, abs=1e-4)
+        assert len({tuple(round(x, 3) for x in r) for r in batched}) > 1  # chats differ
+    # the one-token labels' EOS requests extend the chats' own: with 32-token blocks the
+    # chats longer than a block read them from the prefix cache
+    ctx = ctx_for(policy, phase="judge")
+    gen.label_logprobs(ctx, LABEL_CHATS, list(LABELS), adapter=adapters[0])
+    assert ctx.reported["vllm/judge/cached_prompt_tokens"] >= 32 * 2 * 2
+    assert 0 < ctx.reported["vllm/judge/prefix_cache_hit_rate"] < 1
+
+
+def test_rl_cai_judge_same_scores_batched_and_per_row(gen, policy, adapters, monkeypatch,
+                                                      tmp_path):
+    """The constitutional_preference judge's stored scores and log-probs: the batched
+    label path vs one row per call (the old path), on vLLM, and on the hf generator."""
+    import types
+
+    from plugins.judges.constitutional import ConstitutionalPreferenceJudge
+
+    # short (the tests' tokenizer is one token per character; the engine's limit is 256)
+    template = tmp_path / "pref.j2"
+    template.write_text("{{ question }}\nQ: {{ prompt }}\nA: {{ first }}\nB: {{ second }}\nA or B?")
+
+    prompt = loop.Prompt(text="Sort the letters: c a b", id=1)
+    cands = [loop.Candidate(prompt=prompt, text=t, id=i)
+             for i, t in enumerate(["a b c", "c b a", "abc, sorted", "b"])]
+    judge = ConstitutionalPreferenceJudge(ConstitutionalPreferenceJudge.Options(
+        comparisons=6, template=str(template), principles=["concise"]), label="pref")
+
+    def run(generator):
+        ctx = make_context(policy, generator=generator, phase="judge", adapter=adapters[1])
+        return [(j.candidate.id, j.score, sum((c["logprobs"] for c in j.meta["comparisons"]), []))
+                for j in judge.judge(ctx, cands).judgments]
+
+    batched, hf = run(gen), run(HFGenerator())
+    # the old path: Generator.label_logprobs on logprobs, one prompt-logprobs call per row
+    monkeypatch.setattr(gen, "label_logprobs", types.MethodType(loop.Generator.label_logprobs, gen))
+    per_row = run(gen)
+    assert len(batched) == 4
+    for other in (per_row, hf):
+        for (i, s, lps), (i2, s2, lps2) in zip(batched, other):
+            assert i == i2 and s == pytest.approx(s2, abs=1e-5)
+            assert lps == pytest.approx(lps2, abs=1e-4)
 
 
 def test_head_dim_16_on_cpu_is_a_clear_error(tiny_model_dir):

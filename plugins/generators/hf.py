@@ -236,6 +236,36 @@ class HFGenerator(loop.Generator):
                 )
         return sums
 
+    def label_logprobs(
+        self,
+        ctx,
+        chats: Sequence[loop.Chat],
+        labels: Sequence[str],
+        *,
+        adapter: str | None,
+    ) -> list[list[float]]:
+        """Per chat, each label's teacher-forced log-prob (its tokens, then EOS), the same
+        numbers ``logprobs`` gives for the rows (chat, label). Each chat is encoded once
+        and ``batch_size`` chats go into one packed forward pass, one row per chat, in which
+        the prompt is written once and every label follows it (``packed_batch`` with
+        ``row_tokens=0``: a chat attends over its own row only): the labels' first tokens
+        are read from the one logit row at the prompt's end."""
+        labels = list(labels)
+        policy = ctx.policy()
+        tok = policy.tokenizer
+        answers = [encode_response(tok, lab) for lab in labels]
+        k = len(labels)
+        size = self.options.batch_size
+        out: list[list[float]] = []
+        with policy.using(adapter) as model, torch.no_grad():
+            for start in range(0, len(chats), size):
+                heads = [encode_prompt(tok, chat) for chat in chats[start:start + size]]
+                sums = sequence_logps(model, [h for h in heads for _ in answers],
+                                      [a for _ in heads for a in answers], tok.pad_token_id,
+                                      model.device, row_tokens=0).tolist()
+                out.extend(sums[i * k:(i + 1) * k] for i in range(len(heads)))
+        return out
+
 
 def _generation_config(sampling: loop.Sampling, copies: int, stops: list[int], pad_id: int):
     from transformers import GenerationConfig

@@ -133,6 +133,13 @@ class VLLMGenerator(loop.Generator):
         # CPU: KV-cache size in GiB. vLLM's own default (4 GiB, or a share of free RAM)
         # is too much beside a trainer on small machines.
         kv_cache_gib: float = Field(0.5, gt=0)
+        block_size: int | None = Field(
+            None, ge=1, description="KV-cache block size in tokens; None: vLLM's default (128 "
+            "on CPU, where it must be a multiple of 32). The prefix cache reuses whole blocks "
+            "only, so prompts sharing fewer tokens than a block never hit it")
+        max_num_seqs: int | None = Field(
+            None, ge=1, description="sequences the engine runs at once; None: vLLM's default "
+            "(256 on CPU). A call with more (prompts x n) runs in waves")
         # CUDA: 1 offloads weights to CPU RAM while the updater trains; 2 drops them and
         # reloads from the model folder on waking (less RAM, slower wake-up).
         sleep_level: Literal[1, 2] = 1
@@ -235,6 +242,14 @@ class VLLMGenerator(loop.Generator):
             generation_config="vllm",  # no defaults from generation_config.json: Sampling is all
             use_tqdm_on_load=False,
         )
+        if o.block_size is not None:
+            if device == "cpu" and o.block_size % 32:
+                raise loop.UserError(
+                    f"generator.block_size = {o.block_size}: vLLM's CPU attention takes "
+                    "multiples of 32 (32, 64, 128...); set one of those or leave it unset")
+            kwargs["block_size"] = o.block_size
+        if o.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = o.max_num_seqs
         if device == "cpu":
             kwargs["kv_cache_memory_bytes"] = int(o.kv_cache_gib * 2**30)
             # A prompt split over two steps drops its first sampled token and rewinds the
@@ -447,6 +462,7 @@ class VLLMGenerator(loop.Generator):
                 counter = _FinishedRequests.factory(lambda k, s=start: finished(s + k))
             outs = llm.generate(prompts[start : start + size], params[start : start + size],
                                 lora_request=request, use_tqdm=counter)
+            _count_cached(ctx, outs)
             for out in outs:
                 samples = [_completion(tok, o, stop_set) for o in sorted(out.outputs, key=lambda o: o.index)]
                 if greedy:  # n separate records of the one greedy path
@@ -472,6 +488,59 @@ class VLLMGenerator(loop.Generator):
         answers = [encode_response(tok, r) for r in responses]
         return [sum(row) for row in self._token_logprobs(ctx, chats, answers, request)]
 
+    def label_logprobs(
+        self,
+        ctx,
+        chats: Sequence[loop.Chat],
+        labels: Sequence[str],
+        *,
+        adapter: str | None,
+    ) -> list[list[float]]:
+        """Per chat, each label's log-prob as the reply (its tokens, then EOS): what
+        ``logprobs`` gives, from sampling log-probs instead of prompt log-probs.
+
+        A label's tokens are scored one position at a time, all chats together: at depth
+        d, one request per distinct (chat, first d label tokens), ``max_tokens=1``, asking
+        the log-probs of just the next tokens the labels need (``logprob_token_ids``, read
+        from the raw distribution). Depth 0 is the chat alone, so every label's first
+        token comes from the one next-token distribution at the chat's end; for
+        one-token labels ("A", "B") depth 1 scores the EOS after each, and its prompts
+        extend depth 0's, so they read its blocks from the prefix cache when
+        ``block_size`` is below the chat's length. Sampling log-probs use the request's
+        own LoRA mapping, so these batch on a LoRA engine (prompt log-probs do not:
+        ``_token_logprobs``).
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        labels = list(labels)
+        request = self._serve(ctx, adapter)
+        llm = self._engine(ctx)
+        tok = ctx.policy().tokenizer
+        answers = [encode_response(tok, lab) for lab in labels]
+        sums = [[0.0] * len(labels) for _ in chats]
+        size = self.options.batch_size
+        for start in range(0, len(chats), size):
+            heads = [encode_prompt(tok, chat) for chat in chats[start:start + size]]
+            for depth in range(max(len(a) for a in answers)):
+                wanted: dict[tuple[int, tuple[int, ...]], set[int]] = {}
+                for i in range(len(heads)):
+                    for a in answers:
+                        if depth < len(a):
+                            wanted.setdefault((i, tuple(a[:depth])), set()).add(a[depth])
+                keys = list(wanted)
+                prompts = [TokensPrompt(prompt_token_ids=heads[i] + list(prefix)) for i, prefix in keys]
+                params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                         logprob_token_ids=sorted(wanted[k])) for k in keys]
+                outs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
+                _count_cached(ctx, outs)
+                got = {k: out.outputs[0].logprobs[0] for k, out in zip(keys, outs)}
+                for i in range(len(heads)):
+                    for j, a in enumerate(answers):
+                        if depth < len(a):
+                            sums[start + i][j] += got[(i, tuple(a[:depth]))][a[depth]].logprob
+        return sums
+
     def _token_logprobs(self, ctx, chats, answers, request) -> list[list[float]]:
         """Per answer token, its log-prob given the chat and the answer so far (vLLM)."""
         from vllm import SamplingParams
@@ -492,6 +561,19 @@ class VLLMGenerator(loop.Generator):
             lps = out.prompt_logprobs
             rows.append([lps[t][ids[t]].logprob for t in range(len(head), len(ids))])
         return rows
+
+
+def _count_cached(ctx, outs) -> None:
+    """Add the call's prompt tokens, and those read from vLLM's prefix cache, to the
+    phase's ``vllm/<phase>/prompt_tokens`` and ``vllm/<phase>/cached_prompt_tokens``;
+    ``vllm/<phase>/prefix_cache_hit_rate`` is their ratio so far."""
+    group = f"vllm/{ctx.phase}"
+    seen = ctx.reported
+    prompt = sum(len(o.prompt_token_ids or ()) for o in outs) + seen.get(f"{group}/prompt_tokens", 0.0)
+    cached = sum(o.num_cached_tokens or 0 for o in outs) + seen.get(f"{group}/cached_prompt_tokens", 0.0)
+    ctx.metric(f"{group}/prompt_tokens", prompt)
+    ctx.metric(f"{group}/cached_prompt_tokens", cached)
+    ctx.metric(f"{group}/prefix_cache_hit_rate", cached / prompt if prompt else 0.0)
 
 
 def _completion(tok, output, stop_set) -> loop.Completion:

@@ -342,6 +342,10 @@ def _to_revise(candidates, per_prompt: int | None) -> list[loop.Candidate]:
 # ---------------------------------------------------------------------------
 
 
+# The replies a pairwise judgment chooses between (option A, option B).
+LABELS = ("A", "B")
+
+
 def preference_from_logprobs(a_first: tuple[float, float], b_first: tuple[float, float]):
     """P(x preferred to y) from the two orders of one comparison, and the position bias.
 
@@ -376,8 +380,8 @@ class ConstitutionalPreferenceJudge(loop.Judge):
 
     Per prompt, up to ``comparisons`` pairs of its candidates are compared. Each pair is
     asked in both orders; the preference is read from the log-probs of the replies "A" and
-    "B" (``Generator.logprobs``: the label followed by end-of-turn), never from generated
-    text, so it cannot fail to parse. A candidate's score is its mean probability of being
+    "B" (``Generator.label_logprobs``: the label followed by end-of-turn, both labels from
+    one pass over the chat), never from generated text, so it cannot fail to parse. A candidate's score is its mean probability of being
     preferred over its comparisons, in [0, 1]; the judgment's ``raw`` lists them and
     ``meta`` holds every log-prob. Metrics: ``judge/position_bias`` (mean preference for
     option A, minus one half) and ``judge/order_agreement`` (share of comparisons whose
@@ -387,10 +391,11 @@ class ConstitutionalPreferenceJudge(loop.Judge):
     name = "constitutional_preference"
 
     class Options(_ConstitutionOptions):
-        # Pairs compared per prompt (sampled from all pairs); each costs 4 log-prob rows.
+        # Pairs compared per prompt (sampled from all pairs); each is 2 chats (both orders).
         comparisons: int = Field(3, ge=1)
         template: template_option("prompt", "first", "second", "question") = "cai_preference"  # prompt, first, second, question
-        # Chats per generator.logprobs call.
+        # Chats (one per comparison and order, each scored for both labels) per
+        # generator.label_logprobs call.
         batch_size: int = Field(64, ge=1)
 
     def setup(self, ctx) -> None:
@@ -413,19 +418,18 @@ class ConstitutionalPreferenceJudge(loop.Judge):
             if len(pairs) > opts.comparisons:
                 pairs = rng.sample(pairs, opts.comparisons)
             jobs.extend((x, y, rng.choice(principles)) for x, y in pairs)
-        chats, responses = [], []
+        chats = []  # two per comparison: x shown first, then y shown first
         for x, y, principle in jobs:
             for first, second in ((x, y), (y, x)):
                 text = template.render(prompt=quote(x.prompt.text), first=quote(first.text),
                                        second=quote(second.text), question=principle.compare)
-                chat = [{"role": "user", "content": text}]
-                chats += [chat, chat]
-                responses += ["A", "B"]
+                chats.append([{"role": "user", "content": text}])
+        # Both labels of a chat from one pass over it (Generator.label_logprobs), batched.
         lps: list[float] = []
         for start in range(0, len(chats), opts.batch_size):
-            lps.extend(ctx.generator.logprobs(ctx, chats[start:start + opts.batch_size],
-                                              responses[start:start + opts.batch_size],
-                                              adapter=self.judge_adapter(ctx)))
+            for row in ctx.generator.label_logprobs(ctx, chats[start:start + opts.batch_size],
+                                                    LABELS, adapter=self.judge_adapter(ctx)):
+                lps.extend(row)
             ctx.progress(min(start + opts.batch_size, len(chats)), len(chats))
         wins: dict[int, list[tuple[float, dict]]] = {}
         biases, agree = [], []
