@@ -251,9 +251,14 @@ class _HeadLogps(torch.autograd.Function):
 def _plain_head(model):
     """(decoder, head) when the log-probs may come from the chunked head: the output
     head is a plain ``nn.Linear`` and the config names no transform of its output;
-    else None (the model's own forward computes the logits)."""
+    else None (the model's own forward computes the logits; also under FSDP2)."""
     config = getattr(model, "config", None)
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(inner, "unshard") and hasattr(inner, "reshard"):
+        # An FSDP2 unit gathers its own weights (embeddings, final norm, head) only in its
+        # forward, so the head cannot be applied apart from it: the model's forward runs.
         return None
     try:
         decoder, head = _decoder(model)
