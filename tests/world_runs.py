@@ -59,6 +59,18 @@ def run_world(runs_dir: Path, name: str, selector: str, updater: str, *extra: st
     return runs_dir / name
 
 
+def run_world_subprocess(runs_dir: Path, name: str, selector: str, updater: str, *extra: str,
+                         max_steps: int = STEPS):
+    """``run_world`` in a ``python -m loop`` subprocess: the peer of a killed-and-resumed
+    subprocess run whose adapter must match it byte for byte."""
+    import subprocess
+
+    cmd = world_command(runs_dir, name, selector, updater, *extra, max_steps=max_steps)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return runs_dir / name
+
+
 def q(db: Path, sql: str, params=()):
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
