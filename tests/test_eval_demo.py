@@ -29,11 +29,11 @@ SHORT = [
 
 @pytest.fixture(scope="module")
 def eval_run(world_runs_dir):
-    cmd = [sys.executable, "-m", "loop", "run", "configs/eval_demo.toml", "--progress", "plain",
-           "--set", f"runs_dir={world_runs_dir}", *SHORT]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return world_runs_dir / "eval-demo"
+    # in this process (no second torch import); `report` below runs in a subprocess
+    from tests.core_helpers import run_inprocess
+
+    return run_inprocess(ROOT / "configs" / "eval_demo.toml", "--set", f"runs_dir={world_runs_dir}",
+                         *SHORT)
 
 
 def _metrics(db):

@@ -48,7 +48,11 @@ def test_wheel_ships_templates_constitution_and_configs(tmp_path):
 def test_the_installed_wheel_runs_the_demo_from_another_folder(world_runs_dir):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHON"] = sys.executable
-    proc = subprocess.run([str(ROOT / ".ci" / "wheel"), str(world_runs_dir)], env=env,
+    # The demo tests' shortened recipe: the session's seed model (conftest's world_runs_dir)
+    # is reused, not a second one built with the full recipe.
+    from conftest import DEMO_SHORT
+
+    proc = subprocess.run([str(ROOT / ".ci" / "wheel"), str(world_runs_dir), *DEMO_SHORT], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "built, installed and ran one demo round" in proc.stdout

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from world_runs import ENV, ROOT, q, run_world, world_command
+from world_runs import ENV, ROOT, q, run_world_subprocess, world_command
 
 ARGS = ('name="pairs"', 'name="dpo"', "--set", "rounds=1")
 
@@ -33,7 +33,7 @@ def metric(run_dir, name):
 
 
 def test_killed_update_resumes_to_the_same_adapter(world_runs_dir):
-    whole = run_world(world_runs_dir, "whole", *ARGS, max_steps=30)
+    whole = run_world_subprocess(world_runs_dir, "whole", *ARGS, max_steps=30)
     killed = world_runs_dir / "killed"
     proc = subprocess.Popen(world_command(world_runs_dir, "killed", *ARGS, max_steps=30), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +47,24 @@ def world_command(runs_dir: Path, name: str, selector: str, updater: str, *extra
 
 def run_world(runs_dir: Path, name: str, selector: str, updater: str, *extra: str,
               max_steps: int = STEPS):
+    """The run of ``world_command`` through the real CLI in this process (click's runner:
+    no second import of torch and transformers, several seconds of CPU a run)."""
+    from tests.core_helpers import cli_inprocess
+
+    cmd = world_command(runs_dir, name, selector, updater, *extra, max_steps=max_steps)
+    args = cmd[cmd.index("loop") + 1:]
+    args[1] = str(ROOT / args[1])  # configs/demo.toml, whatever the working folder
+    result = cli_inprocess(*args)
+    assert result.exit_code == 0, (result.exit_code, result.output[-2000:], result.stderr[-3000:])
+    return runs_dir / name
+
+
+def run_world_subprocess(runs_dir: Path, name: str, selector: str, updater: str, *extra: str,
+                         max_steps: int = STEPS):
+    """``run_world`` in a ``python -m loop`` subprocess: the peer of a killed-and-resumed
+    subprocess run whose adapter must match it byte for byte."""
+    import subprocess
+
     cmd = world_command(runs_dir, name, selector, updater, *extra, max_steps=max_steps)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
