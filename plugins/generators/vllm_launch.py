@@ -31,6 +31,7 @@ from pathlib import Path
 
 import loop
 from loop.http_client import HttpClient
+from plugins.generators.vllm import LOG_CONFIG_PREFIX
 
 PR_SET_PDEATHSIG = 1
 SERVED_NAME = "selfloop-base"  # the base model's name on launched servers
@@ -146,6 +147,10 @@ def launch(run_dir: Path, count: int, make_args, *, gpus: list[str] | None, slee
             log = folder / f"server-{i}.log"
             child_env = {**os.environ, **(env or {}), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
             child_env.setdefault("HF_HUB_OFFLINE", "1")
+            if Path(child_env.get("VLLM_LOGGING_CONFIG_PATH", "")).name.startswith(LOG_CONFIG_PREFIX):
+                # an in-process vllm generator's log routing (to its run's log): not the server's
+                child_env.pop("VLLM_LOGGING_CONFIG_PATH")
+                child_env.pop("VLLM_LOGGING_LEVEL", None)
             if gpus is not None:
                 child_env["CUDA_VISIBLE_DEVICES"] = gpus[i]
             if cpus is not None:
