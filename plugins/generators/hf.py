@@ -27,7 +27,11 @@ from transformers import (
 import loop
 from loop.context import derive_seed
 from plugins.sequences import (
+    _attention_dtype,
+    _plain_head,
     encode_prompt,
+    head_logps,
+    packed_batch,
     encode_response,
     left_pad,
     seeded,
@@ -260,11 +264,54 @@ class HFGenerator(loop.Generator):
         with policy.using(adapter) as model, torch.no_grad():
             for start in range(0, len(chats), size):
                 heads = [encode_prompt(tok, chat) for chat in chats[start:start + size]]
-                sums = sequence_logps(model, [h for h in heads for _ in answers],
-                                      [a for _ in heads for a in answers], tok.pad_token_id,
-                                      model.device, row_tokens=0).tolist()
+                sums = _label_sums(model, heads, answers, tok.pad_token_id)
                 out.extend(sums[i * k:(i + 1) * k] for i in range(len(heads)))
         return out
+
+
+# A batch's chats share their first tokens (the template's instructions) when at least
+# this many: that prefix is run once and its keys and values serve every row.
+MIN_SHARED_PREFIX = 16
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all of ``seqs`` share."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+def _label_sums(model, heads, answers, pad_id) -> list[float]:
+    """Summed log p(answer | head) for every (head, answer), heads-major, in one packed
+    pass (``sequence_logps`` with ``row_tokens=0``). When the heads share a prefix of at
+    least ``MIN_SHARED_PREFIX`` tokens (a judge template's instructions), the prefix runs
+    once (batch 1) and its key/value cache, repeated per row, is attended by every row:
+    each token sees the same tokens at the same positions as in the plain pass, so the
+    numbers agree with it to float rounding (different matmul shapes), not bit for bit."""
+    device = model.device
+    prompts = [h for h in heads for _ in answers]
+    responses = [a for _ in heads for a in answers]
+    shared = min(common_prefix(heads), min(len(h) for h in heads) - 1) if len(heads) > 1 else 0
+    plain = _plain_head(model)
+    if shared < MIN_SHARED_PREFIX or plain is None or _attention_dtype(model) is not None:
+        return sequence_logps(model, prompts, responses, pad_id, device, row_tokens=0).tolist()
+    decoder, head = plain
+    prefix = torch.tensor([heads[0][:shared]], dtype=torch.long, device=device)
+    cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+    batch = packed_batch([p[shared:] for p in prompts], responses, pad_id, device, row_tokens=0)
+    rows, width = batch["input_ids"].shape
+    cache.batch_repeat_interleave(rows)
+    mask = torch.cat([torch.ones(rows, 1, width, shared, dtype=torch.bool, device=device),
+                      batch["attention_mask"]], dim=-1)
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"] + shared,
+                     attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+    picked = hidden[batch["row"], batch["keep"][batch["col"]]]
+    token = head_logps(picked, head, batch["target"])
+    sums = torch.zeros(len(prompts), dtype=torch.float32, device=token.device)
+    return sums.index_add(0, batch["seq"], token).tolist()
 
 
 def _generation_config(sampling: loop.Sampling, copies: int, stops: list[int], pad_id: int):
