@@ -217,3 +217,25 @@ def test_label_logprobs_shared_prefix_equal_the_per_row_path(gen, make_ctx, rand
         assert [x for row in fast for x in row] == pytest.approx([x for row in per_row for x in row], abs=1e-4)
         assert len({round(r[0] - r[1], 3) for r in fast}) > 1  # rows really differ
     assert seen and max(seen) < len(heads[0]) - hf.MIN_SHARED_PREFIX + 1  # rows without the prefix
+
+
+def test_generation_with_a_shared_prefix_equals_the_plain_left_padded_path(gen, make_ctx,
+                                                                         monkeypatch):
+    """Chats sharing a template prefix: the prefix is run once (its cache repeated per row),
+    and the samples (texts, token counts, finish reasons) are those of the plain path on
+    the same seed; log-prob sums agree to float rounding."""
+    import plugins.generators.hf as hf
+
+    ctx = make_ctx()
+    runs = {}
+    for name, minimum in (("shared", hf.MIN_SHARED_PREFIX), ("plain", 10**9)):
+        monkeypatch.setattr(hf, "MIN_SHARED_PREFIX", minimum)
+        runs[name] = [gen.generate(ctx, PREFIX_CHATS, loop.Sampling(n=3, temperature=t, max_new_tokens=10,
+                                                                    seed=7), adapter=None)
+                      for t in (0.0, 1.0)]
+    for fast, plain in zip(runs["shared"], runs["plain"]):
+        for a, b in zip(fast, plain):
+            assert [(c.text, c.num_tokens, c.finish_reason) for c in a] == \
+                [(c.text, c.num_tokens, c.finish_reason) for c in b]
+            assert [c.logprob_sum for c in a] == pytest.approx([c.logprob_sum for c in b], abs=1e-4)
+    assert len({c.text for group in runs["shared"][1] for c in group}) > 1

@@ -133,6 +133,10 @@ class HFGenerator(loop.Generator):
 
     name = "hf"
     loads_model_folder = True  # the model-folder checks at validation apply
+    # Run a batch's shared token prefix once (generate; the label path has its own) and
+    # serve every row from its key/value cache; False: plain left-padded batches
+    # (bench/per_row.py's "before").
+    shared_prefix = True
 
     class Options(loop.Generator.Options):
         # Prompts per generate() call (each with n samples): bounds memory on long prompts.
@@ -175,12 +179,30 @@ class HFGenerator(loop.Generator):
         greedy = sampling.temperature <= 0.0
         copies = 1 if greedy else sampling.n  # greedy samples are all the same path
         device = model.device
-        input_ids, attention_mask = left_pad(prompts, tok.pad_token_id, device)
+        shared = 0
+        if len(prompts) > 1 and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"):
+            shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
+        if shared < MIN_SHARED_PREFIX or not self.shared_prefix:
+            shared = 0
+        # [shared prefix | left-padded rest]: every token keeps its position (HF counts
+        # positions along the attention mask) and sees the same tokens as when left-padded.
+        input_ids, attention_mask = left_pad([p[shared:] for p in prompts], tok.pad_token_id, device)
+        extra = {}
+        with torch.no_grad():
+            if shared:
+                head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
+                cache = model(input_ids=head, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(prompts) * copies)
+                input_ids = torch.cat([head.expand(len(prompts), -1), input_ids], dim=1)
+                attention_mask = torch.cat([torch.ones_like(head).expand(len(prompts), -1),
+                                            attention_mask], dim=1)
+                extra["past_key_values"] = cache
         recorder = _RawLogprobs()
         with torch.no_grad(), seeded(seed, device):
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                **extra,
                 generation_config=_generation_config(sampling, copies, stops, tok.pad_token_id),
                 logits_processor=LogitsProcessorList([recorder]),
                 stopping_criteria=StoppingCriteriaList([watch] if watch is not None else []),
