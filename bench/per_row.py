@@ -23,6 +23,7 @@ from plugins.generators.vllm import VLLMGenerator
 class HFPerRow(HFGenerator):
     name = "hf_per_row"
     label_logprobs = loop.Generator.label_logprobs
+    shared_prefix = False  # generation as before too: plain left-padded batches
 
 
 class VLLMPerRow(VLLMGenerator):

@@ -27,7 +27,11 @@ from transformers import (
 import loop
 from loop.context import derive_seed
 from plugins.sequences import (
+    _attention_dtype,
+    _plain_head,
     encode_prompt,
+    head_logps,
+    packed_batch,
     encode_response,
     left_pad,
     seeded,
@@ -129,6 +133,10 @@ class HFGenerator(loop.Generator):
 
     name = "hf"
     loads_model_folder = True  # the model-folder checks at validation apply
+    # Run a batch's shared token prefix once (generate; the label path has its own) and
+    # serve every row from its key/value cache; False: plain left-padded batches
+    # (bench/per_row.py's "before").
+    shared_prefix = True
 
     class Options(loop.Generator.Options):
         # Prompts per generate() call (each with n samples): bounds memory on long prompts.
@@ -171,12 +179,30 @@ class HFGenerator(loop.Generator):
         greedy = sampling.temperature <= 0.0
         copies = 1 if greedy else sampling.n  # greedy samples are all the same path
         device = model.device
-        input_ids, attention_mask = left_pad(prompts, tok.pad_token_id, device)
+        shared = 0
+        if len(prompts) > 1 and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"):
+            shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
+        if shared < MIN_SHARED_PREFIX or not self.shared_prefix:
+            shared = 0
+        # [shared prefix | left-padded rest]: every token keeps its position (HF counts
+        # positions along the attention mask) and sees the same tokens as when left-padded.
+        input_ids, attention_mask = left_pad([p[shared:] for p in prompts], tok.pad_token_id, device)
+        extra = {}
+        with torch.no_grad():
+            if shared:
+                head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
+                cache = model(input_ids=head, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(prompts) * copies)
+                input_ids = torch.cat([head.expand(len(prompts), -1), input_ids], dim=1)
+                attention_mask = torch.cat([torch.ones_like(head).expand(len(prompts), -1),
+                                            attention_mask], dim=1)
+                extra["past_key_values"] = cache
         recorder = _RawLogprobs()
         with torch.no_grad(), seeded(seed, device):
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                **extra,
                 generation_config=_generation_config(sampling, copies, stops, tok.pad_token_id),
                 logits_processor=LogitsProcessorList([recorder]),
                 stopping_criteria=StoppingCriteriaList([watch] if watch is not None else []),
@@ -260,11 +286,54 @@ class HFGenerator(loop.Generator):
         with policy.using(adapter) as model, torch.no_grad():
             for start in range(0, len(chats), size):
                 heads = [encode_prompt(tok, chat) for chat in chats[start:start + size]]
-                sums = sequence_logps(model, [h for h in heads for _ in answers],
-                                      [a for _ in heads for a in answers], tok.pad_token_id,
-                                      model.device, row_tokens=0).tolist()
+                sums = _label_sums(model, heads, answers, tok.pad_token_id)
                 out.extend(sums[i * k:(i + 1) * k] for i in range(len(heads)))
         return out
+
+
+# A batch's chats share their first tokens (the template's instructions) when at least
+# this many: that prefix is run once and its keys and values serve every row.
+MIN_SHARED_PREFIX = 16
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all of ``seqs`` share."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+def _label_sums(model, heads, answers, pad_id) -> list[float]:
+    """Summed log p(answer | head) for every (head, answer), heads-major, in one packed
+    pass (``sequence_logps`` with ``row_tokens=0``). When the heads share a prefix of at
+    least ``MIN_SHARED_PREFIX`` tokens (a judge template's instructions), the prefix runs
+    once (batch 1) and its key/value cache, repeated per row, is attended by every row:
+    each token sees the same tokens at the same positions as in the plain pass, so the
+    numbers agree with it to float rounding (different matmul shapes), not bit for bit."""
+    device = model.device
+    prompts = [h for h in heads for _ in answers]
+    responses = [a for _ in heads for a in answers]
+    shared = min(common_prefix(heads), min(len(h) for h in heads) - 1) if len(heads) > 1 else 0
+    plain = _plain_head(model)
+    if shared < MIN_SHARED_PREFIX or plain is None or _attention_dtype(model) is not None:
+        return sequence_logps(model, prompts, responses, pad_id, device, row_tokens=0).tolist()
+    decoder, head = plain
+    prefix = torch.tensor([heads[0][:shared]], dtype=torch.long, device=device)
+    cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+    batch = packed_batch([p[shared:] for p in prompts], responses, pad_id, device, row_tokens=0)
+    rows, width = batch["input_ids"].shape
+    cache.batch_repeat_interleave(rows)
+    mask = torch.cat([torch.ones(rows, 1, width, shared, dtype=torch.bool, device=device),
+                      batch["attention_mask"]], dim=-1)
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"] + shared,
+                     attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+    picked = hidden[batch["row"], batch["keep"][batch["col"]]]
+    token = head_logps(picked, head, batch["target"])
+    sums = torch.zeros(len(prompts), dtype=torch.float32, device=token.device)
+    return sums.index_add(0, batch["seq"], token).tolist()
 
 
 def _generation_config(sampling: loop.Sampling, copies: int, stops: list[int], pad_id: int):
