@@ -17,9 +17,9 @@ loaded; the fastest run counts), the per-repeat ratios, the CPU seconds of each 
 sensitive to other jobs), the peak resident memory of each process (``ru_maxrss``), and
 the loss of step 0, which must agree.
 
-Thread policy: ours runs with selfloop's (``loop/threads.py``: ``OMP_WAIT_POLICY=PASSIVE``
-before torch loads, threads from the available cores), TRL with its defaults (torch's
-thread count, libgomp's spinning); ``--same-policy`` gives TRL ours too, ``--threads N``
+Thread policy: ours runs with selfloop's (``loop/threads.py``: a bounded ``GOMP_SPINCOUNT``
+before torch loads, threads from the available cores, lowered while other processes
+use some of them), TRL with its defaults (torch's thread count, libgomp's spinning); ``--same-policy`` gives TRL ours too, ``--threads N``
 fixes both counts. ``--contend [N]`` starts N processes (default 1) that spin on one core
 each (the last cores this process may use) for the whole bench: a fixed, reproducible
 competing load. Beside each wall time: CPU seconds (the child's user + system, its own
@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # The wait policy the bench was started with (tests/conftest.py, imported for the
 # tokenizer, sets selfloop's in this process; a TRL child must not inherit that).
-STARTED_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # loop/threads.py's
+STARTED_WAIT = {k: os.environ[k] for k in WAIT_VARIABLES if k in os.environ}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
@@ -105,10 +106,10 @@ def run_ours(args, model_dir: str) -> dict:
     from loop.policy import Policy
     from plugins.updaters.dpo import DPOUpdater
 
+    if args.threads:  # a fixed count: the governor stays off, as with [model] threads
+        os.environ["SELFLOOP_THREADS"] = str(args.threads)
     policy = Policy(model_dir, device="cpu", dtype="float32")
     policy.base, policy.tokenizer  # load before timing (applies the thread count)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     importlib.import_module("peft")  # imported before timing, as TRL's own imports are
     loaded_rss = rss_mb()
     sel = []
@@ -207,7 +208,13 @@ def child(args):
         out = fn(args, args.model_dir)
         out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["load1"] = os.getloadavg()[0]
-    out["wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "(libgomp default)")
+    out["wait_policy"] = " ".join(f"{k}={os.environ[k]}" for k in WAIT_VARIABLES
+                                  if k in os.environ) or "libgomp's default"
+    if args.child == "ours":
+        from loop import threads
+
+        gov = threads.describe()["governor"]
+        out["governor"] = gov and f"lowest {gov['lowest']} of {gov['ceiling']}, {gov['changes']} changes"
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -279,8 +286,9 @@ def main():
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for both, "
           f"{args.repeats} alternating runs each (wall and CPU: fastest run; speed-up: of the fastest "
           f"runs, and the range of the per-repeat ratios)")
-    print(f"threads: ours {o_policy['threads']} (OMP_WAIT_POLICY {o_policy['wait_policy']}), TRL "
-          f"{t_policy['threads']} (OMP_WAIT_POLICY {t_policy['wait_policy']}); competing spinners: "
+    print(f"threads: ours {o_policy['threads']} ({o_policy['wait_policy']}; thread governor: "
+          f"{o_policy.get('governor') or 'off'}), TRL "
+          f"{t_policy['threads']} ({t_policy['wait_policy']}); competing spinners: "
           f"{args.contend}; cores available: {len(os.sched_getaffinity(0))}; load average at the end "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"float32 matmul peak (2048x2048 torch.mm, {peak['threads']} threads, same load): "
@@ -320,9 +328,9 @@ def run_child(args, who: str, folder: str, kind: str) -> dict:
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     cmd += ["--same-policy"] if args.same_policy else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
-    env.pop("OMP_WAIT_POLICY", None)
-    if STARTED_WAIT_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = STARTED_WAIT_POLICY
+    for key in WAIT_VARIABLES:
+        env.pop(key, None)
+    env.update(STARTED_WAIT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:

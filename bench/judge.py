@@ -12,7 +12,9 @@ vLLM) it runs one round twice in a scratch runs folder, each in its own subproce
   ``vllm_per_row`` makes one prompt-logprobs engine call per row), the RL-CAI judge's
   ``batch_size`` in rows (64 rows = 32 chats), vLLM's default engine sizes (``block_size``
   128, ``max_num_seqs`` 256 on CPU) and the configs' old judge batch sizes;
-- **after**: the config as shipped.
+  and main's thread policy then: libgomp's default spin (``GOMP_SPINCOUNT=300000``, what
+  an unset ``OMP_WAIT_POLICY`` means) and torch's thread count, fixed (no governor);
+- **after**: the config as shipped, with selfloop's thread policy (loop/threads.py).
 
 It reads the judge phase's seconds from each run's run.db and its CPU seconds (the
 process's, every thread, from bench/per_row.py's phase hooks), prints both with their
@@ -47,6 +49,10 @@ BEFORE = {
 }
 
 
+# main's thread policy before issue 18: libgomp's default spin, torch's default count.
+BEFORE_ENV = {"GOMP_SPINCOUNT": "300000", "SELFLOOP_THREADS": str(os.cpu_count() or 1)}
+
+
 def cpu_children() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -63,6 +69,10 @@ def run_once(config: str, side: str, runs: Path, tag: str, prompts: int | None,
     cmd += BEFORE[config] if side == "before" else ["--plugin", "bench/per_row.py"]
     cpu_file = runs / f"{name}.cpu"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", BENCH_JUDGE_CPU=str(cpu_file))
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SELFLOOP_THREADS"):
+        env.pop(key, None)
+    if side == "before":
+        env.update(BEFORE_ENV)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     load0, cpu0 = os.getloadavg()[0], cpu_children()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -209,6 +209,10 @@ def main(argv=None) -> int:
           "phases " + ", ".join(f"{k} {v:.1f}" for k, v in ours["phases"].items() if v is not None))
     print(f"  peer      wall {theirs['wall']:7.1f} s  cpu {theirs['cpu']:7.1f} s  pairs {theirs['pairs']:4d}  "
           "parts " + ", ".join(f"{k} {v:.1f}" for k, v in theirs["parts"].items()))
+    outside = ours["wall"] - sum(v for v in ours["phases"].values() if v is not None)
+    print(f"  (selfloop's generate phase includes loading the model and wrapping it in PEFT, the "
+          f"peer's 'load' part; outside its phases: {outside:.1f} s of start-up, imports and "
+          "store)")
     print(f"peer / selfloop: wall {theirs['wall'] / ours['wall']:.2f}x   cpu {theirs['cpu'] / ours['cpu']:.2f}x"
           "   (above 1: selfloop is faster)")
     print(f"loadavg before {' '.join(f'{x:.2f}' for x in load0)}  after {' '.join(f'{x:.2f}' for x in load1)}")

@@ -93,7 +93,7 @@ class ModelConfig(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # auto: cuda if any
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     trust_remote_code: bool = False  # run code shipped with the model; off unless you trust it
-    threads: int | None = Field(None, ge=1)  # torch CPU threads (None: SELFLOOP_THREADS, else the available cores)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads, fixed (None: SELFLOOP_THREADS, else the available cores, lowered while other processes use some)
     # A chat template for a model folder without one: a .jinja file (relative to this
     # config) or the template itself; saved in the run's config as the template text.
     chat_template: str | None = None

@@ -126,6 +126,10 @@ class Policy:
             if not self.quantization:  # bitsandbytes placed it (device_map); .to() refuses
                 model.to(self.device)
             model.eval()
+            from loop.threads import govern
+
+            # the automatic thread count follows the cores other processes leave free
+            govern(model, self.threads)
             self._base = model
         return self._base
 

@@ -22,6 +22,17 @@ def encode_prompt(tokenizer, chat) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_prompts(tokenizer, chats) -> list[list[int]]:
+    """``encode_prompt`` of each chat, the tokenizer called once on all of them (a fast
+    tokenizer encodes a batch in parallel, in one call): the same ids."""
+    chats = list(chats)
+    if not chats:
+        return []
+    texts = [tokenizer.apply_chat_template(list(chat), add_generation_prompt=True, tokenize=False)
+             for chat in chats]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def encode_response(tokenizer, response: str) -> list[int]:
     ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     return ids + [tokenizer.eos_token_id]

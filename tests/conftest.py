@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from loop.threads import early_env
+import os
 
-early_env()  # idle OpenMP threads sleep (loop/threads.py); before torch loads libgomp
+# Two pytest-xdist workers share the two cores and most tests' models are not governed
+# (loop/threads.py): their idle OpenMP threads sleep rather than spin. Before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

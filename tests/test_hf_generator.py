@@ -7,7 +7,7 @@ import torch
 
 import loop
 from plugins.generators.hf import HFGenerator
-from plugins.sequences import encode_response
+from plugins.sequences import encode_prompt, encode_prompts, encode_response
 
 CHATS = [
     [{"role": "user", "content": "Hi"}],
@@ -206,7 +206,7 @@ def test_label_logprobs_shared_prefix_equal_the_per_row_path(gen, make_ctx, rand
 
     ctx = make_ctx()
     tok = ctx.policy().tokenizer
-    heads = [hf.encode_prompt(tok, c) for c in PREFIX_CHATS]
+    heads = [encode_prompt(tok, c) for c in PREFIX_CHATS]
     assert hf.common_prefix(heads) >= hf.MIN_SHARED_PREFIX  # the shared-prefix path runs
     seen = []
     real = hf.packed_batch
@@ -239,3 +239,56 @@ def test_generation_with_a_shared_prefix_equals_the_plain_left_padded_path(gen, 
                 [(c.text, c.num_tokens, c.finish_reason) for c in b]
             assert [c.logprob_sum for c in a] == pytest.approx([c.logprob_sum for c in b], abs=1e-4)
     assert len({c.text for group in runs["shared"][1] for c in group}) > 1
+
+
+def test_the_lean_path_samples_what_plain_generate_samples(make_ctx):
+    """The hf generator's own path (a shared prefix run once, each prompt run once for its
+    n samples, the cache written in place) against transformers' generate on plain
+    left-padded batches with its own cache (``shared_prefix = False``): the same samples
+    on the same seeds, log-prob sums to float rounding; prompts with and without a shared
+    opening, n = 1 and n = 3, greedy and sampled, with top-p."""
+    import plugins.generators.hf as hf
+
+    ctx = make_ctx()
+    lean = hf.HFGenerator(hf.HFGenerator.Options(batch_size=8))
+    plain = hf.HFGenerator(hf.HFGenerator.Options(batch_size=8))
+    plain.shared_prefix = False
+    mixed = [[{"role": "user", "content": q}] for q in ("hi", "what is two and two?", "name a colour")]
+    for chats in (PREFIX_CHATS, mixed):
+        for n, t, top_p in ((1, 0.0, 1.0), (3, 1.0, 1.0), (2, 0.8, 0.9)):
+            s = loop.Sampling(n=n, temperature=t, top_p=top_p, max_new_tokens=12, seed=11)
+            a = lean.generate(ctx, chats, s, adapter=None, progress=False)
+            b = plain.generate(ctx, chats, s, adapter=None, progress=False)
+            assert [[(c.text, c.num_tokens, c.finish_reason) for c in g] for g in a] == \
+                [[(c.text, c.num_tokens, c.finish_reason) for c in g] for g in b]
+            assert [c.logprob_sum for g in a for c in g] == \
+                pytest.approx([c.logprob_sum for g in b for c in g], abs=1e-4)
+
+
+def test_the_reserved_cache_layer_writes_in_place_and_reads_what_concatenation_does():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    import plugins.generators.hf as hf
+
+    torch.manual_seed(0)
+    grown, reserved = DynamicLayer(), hf._ReservedLayer(reserve=4)
+    prefix = torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 3)
+    for layer in (grown, reserved):
+        layer.update(*prefix)
+        layer.batch_repeat_interleave(3)  # replaces the views: the next update re-buffers
+    buffers = set()
+    for step in range(6):  # 4 steps fit the reserve; the 5th reallocates once
+        k, v = torch.randn(3, 2, 1, 3), torch.randn(3, 2, 1, 3)
+        a, b = grown.update(k, v), reserved.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        buffers.add(reserved._room[0].data_ptr())
+        assert reserved.get_seq_length() == 6 + step
+    assert len(buffers) == 2
+
+
+def test_encode_prompts_is_encode_prompt_of_each(make_ctx):
+    tok = make_ctx().policy().tokenizer
+    chats = PREFIX_CHATS + [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]]
+    assert encode_prompts(tok, chats) == [encode_prompt(tok, c) for c in chats]
+    assert encode_prompts(tok, []) == []

@@ -18,18 +18,20 @@ from typing import Callable, Sequence
 import torch
 from pydantic import Field
 from transformers import (
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.cache_utils import DynamicLayer
 
 import loop
 from loop.context import derive_seed
 from plugins.sequences import (
     _attention_dtype,
     _plain_head,
-    encode_prompt,
+    encode_prompts,
     head_logps,
     packed_batch,
     encode_response,
@@ -155,7 +157,7 @@ class HFGenerator(loop.Generator):
             raise ValueError(f"sampling.n must be at least 1, got {sampling.n}")
         policy = ctx.policy()
         tok = policy.tokenizer
-        prompts = [encode_prompt(tok, chat) for chat in chats]
+        prompts = encode_prompts(tok, chats)
         size = self.options.batch_size
         finished = loop.chats_done(ctx, progress, len(prompts))  # chats done so far
         copies = 1 if sampling.temperature <= 0.0 else sampling.n
@@ -180,23 +182,37 @@ class HFGenerator(loop.Generator):
         copies = 1 if greedy else sampling.n  # greedy samples are all the same path
         device = model.device
         shared = 0
-        if len(prompts) > 1 and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"):
+        # The cache reuse below lays rows out with padding between a shared prefix and
+        # the rest; sdpa and eager attention take any mask (flash attention may not).
+        lean = self.shared_prefix and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+        if lean and len(prompts) > 1:
             shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
-        if shared < MIN_SHARED_PREFIX or not self.shared_prefix:
+        if shared < MIN_SHARED_PREFIX:
             shared = 0
         # [shared prefix | left-padded rest]: every token keeps its position (HF counts
         # positions along the attention mask) and sees the same tokens as when left-padded.
         input_ids, attention_mask = left_pad([p[shared:] for p in prompts], tok.pad_token_id, device)
+        rows = len(prompts)
         extra = {}
+        cache = reserved_cache(model, sampling.max_new_tokens) if lean else None
         with torch.no_grad():
             if shared:
                 head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
-                cache = model(input_ids=head, use_cache=True).past_key_values
-                cache.batch_repeat_interleave(len(prompts) * copies)
-                input_ids = torch.cat([head.expand(len(prompts), -1), input_ids], dim=1)
-                attention_mask = torch.cat([torch.ones_like(head).expand(len(prompts), -1),
+                cache = model(input_ids=head, use_cache=True, past_key_values=cache).past_key_values
+                input_ids = torch.cat([head.expand(rows, -1), input_ids], dim=1)
+                attention_mask = torch.cat([torch.ones_like(head).expand(rows, -1),
                                             attention_mask], dim=1)
-                extra["past_key_values"] = cache
+            if cache is not None and copies > 1:
+                # Each prompt's tokens but its last run once, not once per sample; generate
+                # runs the last one for every sample (its logits are the first step's).
+                if shared:
+                    cache.batch_repeat_interleave(rows)
+                cache = _prefill(model, input_ids[:, shared:-1], attention_mask[:, :-1], cache)
+                cache.batch_repeat_interleave(copies)
+            elif shared:
+                cache.batch_repeat_interleave(rows * copies)
+        if cache is not None:
+            extra["past_key_values"] = cache
         recorder = _RawLogprobs()
         with torch.no_grad(), seeded(seed, device):
             out = model.generate(
@@ -245,7 +261,7 @@ class HFGenerator(loop.Generator):
             raise ValueError(f"{len(chats)} chats but {len(responses)} responses")
         policy = ctx.policy()
         tok = policy.tokenizer
-        prompts = [encode_prompt(tok, chat) for chat in chats]
+        prompts = encode_prompts(tok, chats)
         answers = [encode_response(tok, r) for r in responses]
         size = self.options.batch_size
         sums: list[float] = []
@@ -285,7 +301,7 @@ class HFGenerator(loop.Generator):
         out: list[list[float]] = []
         with policy.using(adapter) as model, torch.no_grad():
             for start in range(0, len(chats), size):
-                heads = [encode_prompt(tok, chat) for chat in chats[start:start + size]]
+                heads = encode_prompts(tok, chats[start:start + size])
                 sums = _label_sums(model, heads, answers, tok.pad_token_id)
                 out.extend(sums[i * k:(i + 1) * k] for i in range(len(heads)))
         return out
@@ -294,6 +310,65 @@ class HFGenerator(loop.Generator):
 # A batch's chats share their first tokens (the template's instructions) when at least
 # this many: that prefix is run once and its keys and values serve every row.
 MIN_SHARED_PREFIX = 16
+
+
+class _ReservedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views into buffers with room for the
+    tokens still to come. ``DynamicLayer.update`` concatenates: every decoding step copies
+    the whole cache, per layer, keys and values (half of a 48-row step at 180 tokens of
+    context). Here a step writes its one position in place; the buffers are reallocated
+    (``reserve`` positions of room again) only when they are full or when the inherited
+    batch operations (``batch_repeat_interleave``, ``crop``...) replaced the views. The
+    attention reads the same numbers either way."""
+
+    def __init__(self, reserve: int) -> None:
+        super().__init__()
+        self.reserve = max(1, reserve)
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        have = self.get_seq_length()
+        need = have + key_states.shape[-2]
+        room = self._room
+        if (room is None or need > room[0].shape[-2] or room[0].shape[0] != key_states.shape[0]
+                or (have and self.keys.data_ptr() != room[0].data_ptr())):
+            shape = (*key_states.shape[:2], need + self.reserve, key_states.shape[-1])
+            room = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if have:
+                room[0][:, :, :have] = self.keys
+                room[1][:, :, :have] = self.values
+            self._room = room
+        room[0][:, :, have:need] = key_states
+        room[1][:, :, have:need] = value_states
+        self.keys, self.values = room[0][:, :, :need], room[1][:, :, :need]
+        return self.keys, self.values
+
+
+def _prefill(model, ids, mask, cache):
+    """Run ``ids`` (the columns after those ``cache`` holds; ``mask`` covers both) into
+    ``cache``, with the positions generate gives them (along the attention mask)."""
+    if ids.shape[1]:
+        position_ids = mask.long().cumsum(-1) - 1
+        position_ids.masked_fill_(mask == 0, 1)
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids[:, -ids.shape[1]:],
+                      past_key_values=cache, use_cache=True).past_key_values
+    return cache
+
+
+def reserved_cache(model, reserve: int):
+    """A ``DynamicCache`` for ``model`` whose full-attention layers write in place
+    (``_ReservedLayer``), or None (transformers then makes its own) for a model whose
+    cache has other kinds of layer (sliding windows, linear attention...)."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # an architecture whose config DynamicCache cannot read
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [_ReservedLayer(reserve) for _ in cache.layers]
+    return cache
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -328,12 +403,20 @@ def _label_sums(model, heads, answers, pad_id) -> list[float]:
     cache.batch_repeat_interleave(rows)
     mask = torch.cat([torch.ones(rows, 1, width, shared, dtype=torch.bool, device=device),
                       batch["attention_mask"]], dim=-1)
+    # Additive, once: SDPA turns a boolean mask into this (0 / -inf) in every layer.
+    dtype = hidden_dtype(decoder)
+    mask = torch.where(mask, torch.zeros((), dtype=dtype, device=device),
+                       torch.full((), float("-inf"), dtype=dtype, device=device))
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"] + shared,
                      attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
     picked = hidden[batch["row"], batch["keep"][batch["col"]]]
     token = head_logps(picked, head, batch["target"])
     sums = torch.zeros(len(prompts), dtype=torch.float32, device=token.device)
     return sums.index_add(0, batch["seq"], token).tolist()
+
+
+def hidden_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def _generation_config(sampling: loop.Sampling, copies: int, stops: list[int], pad_id: int):

@@ -40,10 +40,10 @@ from typing import Callable, Literal, Sequence
 from pydantic import Field
 
 import loop
-from loop import terminal
+from loop import terminal, threads
 from loop.context import derive_seed
 from loop.policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from plugins.sequences import encode_prompt, encode_response, stop_token_ids
+from plugins.sequences import encode_prompt, encode_prompts, encode_response, stop_token_ids
 
 LOG_CONFIG_PREFIX = "selfloop-vllm-logging-"
 
@@ -92,6 +92,7 @@ class _FinishedRequests:
     def update(self, n: int = 1) -> None:
         self.n += n
         self.requests += 1
+        threads.tick()  # between engine steps, on the engine's thread
         self.report(self.requests)
 
     def refresh(self) -> None:
@@ -193,6 +194,8 @@ class VLLMGenerator(loop.Generator):
         if self._llm is None:
             self._llm = self._create(ctx)
             self._served = None
+        if self._device == "cpu":
+            threads.tick()  # the in-process engine runs on this thread's OpenMP settings
         return self._llm
 
     def _create(self, ctx):
@@ -437,7 +440,7 @@ class VLLMGenerator(loop.Generator):
         stops = stop_token_ids(tok, _GenerationConfigHolder(policy.model_path))
         greedy = sampling.temperature <= 0.0
         copies = 1 if greedy else sampling.n  # greedy samples are all the same path
-        prompts = [TokensPrompt(prompt_token_ids=encode_prompt(tok, chat)) for chat in chats]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in encode_prompts(tok, chats)]
         params = [
             SamplingParams(
                 n=copies,
@@ -521,7 +524,7 @@ class VLLMGenerator(loop.Generator):
         sums = [[0.0] * len(labels) for _ in chats]
         size = self.options.batch_size
         for start in range(0, len(chats), size):
-            heads = [encode_prompt(tok, chat) for chat in chats[start:start + size]]
+            heads = encode_prompts(tok, chats[start:start + size])
             for depth in range(max(len(a) for a in answers)):
                 wanted: dict[tuple[int, tuple[int, ...]], set[int]] = {}
                 for i in range(len(heads)):
@@ -548,7 +551,7 @@ class VLLMGenerator(loop.Generator):
 
         llm = self._engine(ctx)
         tok = ctx.policy().tokenizer
-        heads = [encode_prompt(tok, chat) for chat in chats]
+        heads = encode_prompts(tok, chats)
         prompts = [TokensPrompt(prompt_token_ids=h + a) for h, a in zip(heads, answers)]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         # One sequence per call: with LoRA enabled, vLLM 0.32 maps LoRA slots per request

@@ -70,7 +70,7 @@ from plugins.generators.vllm import (
     _completion,
     _GenerationConfigHolder,
 )
-from plugins.sequences import encode_prompt, encode_response, stop_token_ids
+from plugins.sequences import encode_prompt, encode_prompts, encode_response, stop_token_ids
 
 
 class ServerFailed(RuntimeError):
@@ -494,7 +494,7 @@ class VLLMServerGenerator(loop.Generator):
         prompt-logprobs requests fails (docs/vllm.md, "LoRA + prompt log-probs")."""
         only, name = request
         tok = ctx.policy().tokenizer
-        heads = [encode_prompt(tok, chat) for chat in chats]
+        heads = encode_prompts(tok, chats)
         seqs = [h + a for h, a in zip(heads, answers)]
         payloads = [{"model": name, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
                      "prompt_logprobs": 0} for ids in seqs]
