@@ -416,7 +416,11 @@ def _label_sums(model, heads, answers, pad_id) -> list[float]:
 
 
 def hidden_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
+    """The dtype of ``model``'s hidden states (its input embeddings'; quantized linear
+    weights are not it), which an additive attention mask must have."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = embed.weight.dtype if embed is not None else next(model.parameters()).dtype
+    return dtype if dtype.is_floating_point else torch.float32
 
 
 def _generation_config(sampling: loop.Sampling, copies: int, stops: list[int], pad_id: int):
