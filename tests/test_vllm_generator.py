@@ -90,6 +90,7 @@ def ctx_for(policy, **kw):
     return make_context(policy, **kw)
 
 
+
 def _greedy(generator, ctx, adapter, max_new_tokens=24):
     sampling = loop.Sampling(n=2, temperature=0.0, max_new_tokens=max_new_tokens)
     return [s for s in generator.generate(ctx, CHATS, sampling, adapter=adapter)]
@@ -351,3 +352,14 @@ def test_sleep_frees_the_gpu_and_waking_serves_the_same_policy(model_dir, adapte
         assert ctx.reported["sync/max_abs_logprob_diff"] < 1e-3
     finally:
         g.close()
+
+
+STARTING_PRELOAD = os.environ.get("LD_PRELOAD")  # read when this file is imported
+
+
+def test_the_engine_leaves_ld_preload_as_it_was(gen, policy):
+    """vLLM's CPU platform writes torch's libgomp into LD_PRELOAD for worker processes the
+    in-process engine never starts; left there, every later child of the run would load
+    libgomp before its own OpenMP settings (loop/threads.py). The generator puts it back."""
+    assert gen._engine(ctx_for(policy)) is not None  # started here, or by a test above
+    assert os.environ.get("LD_PRELOAD") == STARTING_PRELOAD

@@ -264,11 +264,20 @@ class VLLMGenerator(loop.Generator):
             kwargs["enable_sleep_mode"] = True
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole
         # process once it has bound its threads; the PEFT policy shares this process.
+        # Its CPU platform also writes torch's libgomp and its tcmalloc into LD_PRELOAD,
+        # for worker processes this in-process engine does not start: every later child
+        # of ours (launched update ranks, servers) would load them before Python runs,
+        # too early for their own OpenMP settings (loop/threads.py).
         set_threads = torch.set_num_threads
+        preload = os.environ.get("LD_PRELOAD")
         try:
             llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
         finally:
             torch.set_num_threads = set_threads
+            if preload is None:
+                os.environ.pop("LD_PRELOAD", None)
+            else:
+                os.environ["LD_PRELOAD"] = preload
         self._max_rank = rank
         return llm
 
