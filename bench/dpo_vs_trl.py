@@ -19,8 +19,9 @@ the loss of step 0, which must agree.
 
 Thread policy: ours runs with selfloop's (``loop/threads.py``: a bounded ``GOMP_SPINCOUNT``
 before torch loads, threads from the available cores, lowered while other processes
-use some of them), TRL with its defaults (torch's thread count, libgomp's spinning); ``--same-policy`` gives TRL ours too, ``--threads N``
-fixes both counts. ``--contend [N]`` starts N processes (default 1) that spin on one core
+use some of them), TRL with its defaults (torch's thread count, libgomp's spinning);
+``--same-policy`` gives TRL our spin and count (the governor only watches our policy
+model), ``--threads N`` fixes both counts. ``--contend [N]`` starts N processes (default 1) that spin on one core
 each (the last cores this process may use) for the whole bench: a fixed, reproducible
 competing load. Beside each wall time: CPU seconds (the child's user + system, its own
 children included) and the 1-minute load average at the run's end.
@@ -53,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 # The wait policy the bench was started with (tests/conftest.py, imported for the
-# tokenizer, sets selfloop's in this process; a TRL child must not inherit that).
+# tokenizer, sets the test suite's in this process; no child may inherit that).
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # loop/threads.py's
 STARTED_WAIT = {k: os.environ[k] for k in WAIT_VARIABLES if k in os.environ}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
