@@ -94,6 +94,24 @@ def build_tiny_model(folder: Path, seed: int = 0, heads: int = 4, kv_heads: int 
     return folder
 
 
+def build_random_adapter(model_dir, folder: Path, seed: int, r: int = 8, std: float = 0.3) -> str:
+    """A LoRA adapter on every linear layer of ``model_dir`` with nonzero A (PEFT's
+    ``init_lora_weights=False``) and B (normal, ``std``), so it really changes the policy."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)), LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import loop
+from conftest import build_random_adapter
 from plugins.generators.hf import HFGenerator
 from plugins.sequences import encode_prompt, encode_prompts, encode_response
 
@@ -109,20 +110,7 @@ def test_logprobs_batched_equals_single(gen, make_ctx):
 @pytest.fixture(scope="module")
 def random_adapter(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter with nonzero A and B (PEFT's init_lora_weights=False)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    folder = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(str(folder))
-    return str(folder)
+    return build_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=0, r=4, std=0.5)
 
 
 def test_adapter_changes_the_policy(gen, make_ctx, random_adapter):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import loop
-from conftest import build_tiny_model, make_context
+from conftest import build_random_adapter, build_tiny_model, make_context
 from plugins.generators.hf import HFGenerator
 
 pytestmark = [
@@ -45,27 +45,10 @@ def model_dir(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("vllm-model"), heads=2, kv_heads=1))
 
 
-def _adapter(model_dir, folder, seed):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(str(folder))
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def adapters(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-adapters")
-    return [_adapter(model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))]
+    return [build_random_adapter(model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))]
 
 
 @pytest.fixture(scope="module")

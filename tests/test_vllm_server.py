@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import make_context
+from conftest import build_random_adapter, make_context
 from vllm_servers import openai_server
 
 import loop
@@ -230,23 +230,6 @@ def user_server(seed_model, tmp_path_factory):
         yield {"url": url + "/v1", "log": log_path, "model": seed_model}
 
 
-def _adapter(model_dir, folder, seed):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(
-        r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
-        task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(str(folder))
-    return str(folder)
-
-
 def _served(url):
     with urllib.request.urlopen(url + "/models", timeout=10) as r:
         return sorted(m["id"] for m in json.load(r)["data"])
@@ -264,7 +247,7 @@ def test_server_matches_the_in_process_contract(user_server, tmp_path):
 
     model = user_server["model"]
     policy = Policy(model, device="cpu", dtype="float32")
-    adapters = [_adapter(model, tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2))]
+    adapters = [build_random_adapter(model, tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2))]
     gen = VLLMServerGenerator(VLLMServerGenerator.Options(urls=[user_server["url"]], concurrency=3))
     hf = HFGenerator()
     greedy = loop.Sampling(n=2, temperature=0.0, max_new_tokens=10)
