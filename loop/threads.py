@@ -49,10 +49,7 @@ def early_env() -> None:
 def available_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
     (``cpu.max``, as containers set it); at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = len(_affinity())
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()[:2]
@@ -174,6 +171,7 @@ _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _affinity() -> set[int]:
+    """The cores this process may run on (its CPU affinity; all of them where there is none)."""
     try:
         return os.sched_getaffinity(0)
     except (AttributeError, OSError):
