@@ -168,28 +168,32 @@ def test_unparseable_reply_is_a_parse_failure():
 
 
 def test_concurrency_limit_is_respected():
+    # A request counts as in flight from its arrival until its reply starts: the client can
+    # send the next one only after reading a reply, so that count never races the client's
+    # own (a count ending after the reply is written would briefly hold three).
     inflight = {"now": 0, "max": 0}
     lock = threading.Lock()
     with ScriptedServer([("ok", "Score: 1")]) as server:
         handler = server.httpd.RequestHandlerClass
-        original = handler.do_POST
+        original_post, original_send = handler.do_POST, handler._send
 
-        def counting(self):
+        def arriving(self):
             with lock:
                 inflight["now"] += 1
                 inflight["max"] = max(inflight["max"], inflight["now"])
-            try:
-                time.sleep(0.02)
-                original(self)
-            finally:
-                with lock:
-                    inflight["now"] -= 1
+            time.sleep(0.05)
+            original_post(self)
 
-        handler.do_POST = counting
+        def replying(self, code, data):
+            with lock:
+                inflight["now"] -= 1
+            original_send(self, code, data)
+
+        handler.do_POST, handler._send = arriving, replying
         res = judge_with(server.url, concurrency=2, samples=3).judge(
             make_context(phase="judge"), candidates(4))
     assert len(res.judgments) == 12 and all(j.score == 1.0 for j in res.judgments)
-    assert 1 <= inflight["max"] <= 2
+    assert inflight == {"now": 0, "max": 2}
 
 
 def test_missing_api_key_variable_is_a_config_error(monkeypatch):
