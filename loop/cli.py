@@ -39,7 +39,8 @@ class Group(click.Group):
 
     Commands from plugins (the ``register_commands`` hook) are added the first time a
     command name is not a built-in one, or when the help lists every command, so that
-    ``status`` and ``watch`` start without importing torch.
+    ``status`` and ``watch`` start without importing torch; the help loads installed
+    plugins for that, not the built-in components (``loop.plugins.add_commands``).
     """
 
     _plugins_loaded = False
@@ -56,7 +57,7 @@ class Group(click.Group):
         from loop import plugins
 
         try:
-            plugins.get_manager().hook.register_commands(cli=self)
+            plugins.add_commands(self)
         except SelfloopError as e:
             _fail(e)
 

@@ -142,17 +142,33 @@ def get_manager() -> pluggy.PluginManager:
     global _manager
     if _manager is not None:
         return _manager
+    _manager = _build(BUILTINS)
+    return _manager
+
+
+def _build(builtins: tuple[str, ...]) -> pluggy.PluginManager:
     pm = pluggy.PluginManager("selfloop")
     pm.add_hookspecs(hookspecs)
     if os.environ.get("SELFLOOP_TRACE_PLUGINS"):
         pm.add_hookcall_monitoring(_trace, _trace_after)
-    for module_name in BUILTINS:
-        module = importlib.import_module(module_name)
-        pm.register(module, name=module_name)
+    for module_name in builtins:
+        pm.register(importlib.import_module(module_name), name=module_name)
     _load_entry_points(pm)
     _check(pm)
-    _manager = pm
     return pm
+
+
+# The built-ins that implement ``register_commands`` (none today): the only ones loaded
+# when the CLI needs its plugin commands before anything else has built the manager, so
+# that ``selfloop --help`` does not import torch (tests/test_config.py checks the list).
+COMMAND_BUILTINS: tuple[str, ...] = ()
+
+
+def add_commands(cli) -> None:
+    """Call every ``register_commands`` hook with the CLI group. With the manager not built
+    yet, a lighter one does it: installed plugins plus ``COMMAND_BUILTINS`` only."""
+    pm = _manager if _manager is not None else _build(COMMAND_BUILTINS)
+    pm.hook.register_commands(cli=cli)
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:

@@ -333,6 +333,52 @@ def test_trace_plugins_prints_hook_calls(installed):
     assert "plugin trace" not in quiet
 
 
+def test_help_lists_an_installed_plugins_command_without_importing_torch(tmp_path):
+    """`selfloop --help` loads installed plugins for their commands but no built-in
+    component (they import torch): a help that takes a quarter of a second, not five."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "cmdplug.py").write_text(textwrap.dedent("""
+        import click
+        import loop
+
+        @loop.hookimpl
+        def register_commands(cli):
+            @cli.command(name="cmd-hello")
+            def hello():
+                \"\"\"Say hello from an installed plugin.\"\"\"
+                click.echo("hello")
+        """))
+    info = site / "cmdplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cmdplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[selfloop]\ncmdplug = cmdplug\n")
+    probe = ("import sys\nfrom loop.cli import cli\ntry:\n    cli(['--help'])\nexcept SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules, 'plugins.generators.hf' in sys.modules)")
+    from tests.core_helpers import env
+
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env=env(PYTHONPATH=str(site)))
+    assert proc.returncode == 0, proc.stderr
+    assert "cmd-hello" in proc.stdout and "Say hello from an installed plugin." in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "exit 0 False False"
+    ran = cli("cmd-hello", PYTHONPATH=str(site))
+    assert (ran.returncode, ran.stdout) == (0, "hello\n"), ran.stderr
+
+
+def test_the_builtins_that_add_commands_are_listed():
+    """The light manager of `--help` loads only COMMAND_BUILTINS: a built-in that adds a
+    command must be listed there, or its command would be missing from the help."""
+    from loop import plugins
+
+    pm = plugins.get_manager()
+    adding = {impl.plugin_name for impl in pm.hook.register_commands.get_hookimpls()}
+    assert adding & set(plugins.BUILTINS) == set(plugins.COMMAND_BUILTINS)
+
+
 def test_plugins_json_lists_plugins_hooks_components():
     proc = cli("plugins", "--json", "--plugin", str(FAKE_PLUGIN), SELFLOOP_LOAD_PLUGINS="")
     assert proc.returncode == 0, proc.stderr
