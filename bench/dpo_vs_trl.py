@@ -20,7 +20,7 @@ the loss of step 0, which must agree.
 Thread policy: ours runs with selfloop's (``loop/threads.py``: a bounded ``GOMP_SPINCOUNT``
 before torch loads, threads from the available cores, lowered while other processes
 use some of them), TRL with its defaults (torch's thread count, libgomp's spinning);
-``--same-policy`` gives TRL our spin and count (the governor only watches our policy
+``--same-policy`` gives TRL our spin, count and malloc settings (the governor only watches our policy
 model), ``--threads N`` fixes both counts. ``--contend [N]`` starts N processes (default 1) that spin on one core
 each (the last cores this process may use) for the whole bench: a fixed, reproducible
 competing load. Beside each wall time: CPU seconds (the child's user + system, its own
@@ -199,9 +199,11 @@ def run_peak(args) -> dict:
 
 def child(args):
     if args.child == "ours" or args.same_policy:
+        from loop import malloc
         from loop.threads import early_env
 
         early_env()  # what the selfloop CLI does before anything imports torch
+        malloc.tune()  # and before its first tensors (loop/malloc.py)
     if args.child == "peak":
         out = run_peak(args)
     else:
@@ -214,6 +216,9 @@ def child(args):
     if args.child == "ours":
         from loop import threads
 
+        from loop import malloc
+
+        out["malloc"] = "tuned" if malloc.describe()["tuned"] else f"glibc's default ({malloc.describe()['why']})"
         gov = threads.describe()["governor"]
         out["governor"] = gov and f"lowest {gov['lowest']} of {gov['ceiling']}, {gov['changes']} changes"
     print("RESULT " + json.dumps(out), flush=True)
@@ -288,7 +293,7 @@ def main():
           f"{args.repeats} alternating runs each (wall and CPU: fastest run; speed-up: of the fastest "
           f"runs, and the range of the per-repeat ratios)")
     print(f"threads: ours {o_policy['threads']} ({o_policy['wait_policy']}; thread governor: "
-          f"{o_policy.get('governor') or 'off'}), TRL "
+          f"{o_policy.get('governor') or 'off'}; malloc {o_policy.get('malloc')}), TRL "
           f"{t_policy['threads']} ({t_policy['wait_policy']}); competing spinners: "
           f"{args.contend}; cores available: {len(os.sched_getaffinity(0))}; load average at the end "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -13,7 +13,8 @@ vLLM) it runs one round twice in a scratch runs folder, each in its own subproce
   ``batch_size`` in rows (64 rows = 32 chats), vLLM's default engine sizes (``block_size``
   128, ``max_num_seqs`` 256 on CPU) and the configs' old judge batch sizes;
   and main's thread policy then: libgomp's default spin (``GOMP_SPINCOUNT=300000``, what
-  an unset ``OMP_WAIT_POLICY`` means) and torch's thread count, fixed (no governor);
+  an unset ``OMP_WAIT_POLICY`` means) and torch's thread count, fixed (no governor),
+  with glibc's default malloc settings (``SELFLOOP_MALLOC=default``, loop/malloc.py);
 - **after**: the config as shipped, with selfloop's thread policy (loop/threads.py).
 
 It reads the judge phase's seconds from each run's run.db and its CPU seconds (the
@@ -50,7 +51,8 @@ BEFORE = {
 
 
 # main's thread policy before issue 18: libgomp's default spin, torch's default count.
-BEFORE_ENV = {"GOMP_SPINCOUNT": "300000", "SELFLOOP_THREADS": str(os.cpu_count() or 1)}
+BEFORE_ENV = {"GOMP_SPINCOUNT": "300000", "SELFLOOP_THREADS": str(os.cpu_count() or 1),
+              "SELFLOOP_MALLOC": "default"}  # and glibc's malloc settings (loop/malloc.py)
 
 
 def cpu_children() -> float:
@@ -69,7 +71,7 @@ def run_once(config: str, side: str, runs: Path, tag: str, prompts: int | None,
     cmd += BEFORE[config] if side == "before" else ["--plugin", "bench/per_row.py"]
     cpu_file = runs / f"{name}.cpu"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", BENCH_JUDGE_CPU=str(cpu_file))
-    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SELFLOOP_THREADS"):
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SELFLOOP_THREADS", "SELFLOOP_MALLOC"):
         env.pop(key, None)
     if side == "before":
         env.update(BEFORE_ENV)

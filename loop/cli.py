@@ -455,7 +455,9 @@ def init(model, output, generator, prompts, name, force):
 
 
 def main():  # pragma: no cover - console entry
+    from loop import malloc
     from loop.threads import early_env
 
     early_env()  # OpenMP wait policy, before anything imports torch (loop/threads.py)
+    malloc.tune()  # before the first tensors: glibc keeps freed ones for reuse
     cli()

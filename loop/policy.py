@@ -98,10 +98,12 @@ class Policy:
         if self._base is None:
             from transformers import AutoModelForCausalLM
 
+            from loop import malloc
             from loop.threads import apply as apply_threads
 
             # [model] threads, else SELFLOOP_THREADS, else the cores we may run on
             apply_threads(self.threads)
+            malloc.tune()  # freed tensor memory kept for reuse (loop/malloc.py); once
             if "TRANSFORMERS_VERBOSITY" not in os.environ:
                 # Generation warnings would scroll the dashboard away; opt back in with
                 # TRANSFORMERS_VERBOSITY=warning.
