@@ -459,5 +459,8 @@ def main():  # pragma: no cover - console entry
     from loop.threads import early_env
 
     early_env()  # OpenMP wait policy, before anything imports torch (loop/threads.py)
-    malloc.tune()  # before the first tensors: glibc keeps freed ones for reuse
+    try:
+        malloc.tune()  # before the first tensors: glibc keeps freed ones for reuse
+    except SelfloopError as e:
+        _fail(e)
     cli()

@@ -20,13 +20,16 @@ embed selfloop); it is a process-wide setting, done once.
 
 It leaves glibc alone when the environment tunes it already (any ``MALLOC_*_`` variable
 in ``ENV_TUNABLES`` or a ``glibc.malloc`` entry in ``GLIBC_TUNABLES``), when the C library
-is not glibc, and when ``SELFLOOP_MALLOC=default``.
+is not glibc, and when ``SELFLOOP_MALLOC=default`` (``tuned``, or unset: tune it; any other
+value is refused, naming the variable).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+
+from loop.errors import UserError
 
 MIB = 1 << 20
 # mallopt parameters (malloc.h) and the values tune() gives them.
@@ -43,8 +46,12 @@ _state: dict | None = None
 
 
 def _skip_reason() -> str | None:
-    if os.environ.get(ENV_SWITCH, "").strip().lower() == "default":
+    switch = os.environ.get(ENV_SWITCH, "").strip()
+    if switch == "default":
         return f"{ENV_SWITCH}=default"
+    if switch not in ("", "tuned"):
+        raise UserError(f"{ENV_SWITCH}={switch!r}: give `default` (glibc's own malloc settings) "
+                        "or `tuned` (selfloop's, the same as unset)")
     named = [k for k in ENV_TUNABLES if os.environ.get(k)]
     if named or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return f"the environment tunes malloc ({', '.join(named) or 'GLIBC_TUNABLES'})"
@@ -57,7 +64,8 @@ def _skip_reason() -> str | None:
 
 def tune() -> dict:
     """Apply ``SETTINGS`` once per process (later calls return the first result):
-    ``{"tuned": bool, "why": str | None, settings...}``."""
+    ``{"tuned": bool, "why": str | None, settings...}``. Raises ``UserError`` for a
+    ``SELFLOOP_MALLOC`` that is neither ``default`` nor ``tuned``."""
     global _state
     if _state is not None:
         return _state

@@ -86,3 +86,14 @@ def test_the_cli_and_the_policy_tune_it(tiny_model_dir):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env(), timeout=120)
     assert proc.returncode == 0 and proc.stdout.split() == ["None", "True"], proc.stderr
+
+
+def test_a_bad_switch_is_refused_naming_it():
+    from tests.core_helpers import cli
+
+    proc = cli("--version", SELFLOOP_MALLOC="off")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "Error: SELFLOOP_MALLOC='off': give `default` (glibc's own malloc settings) or `tuned` "
+        "(selfloop's, the same as unset)"]
+    assert probe(SELFLOOP_MALLOC="tuned")["state"]["tuned"] is True
