@@ -214,11 +214,10 @@ def child(args):
     out["wait_policy"] = " ".join(f"{k}={os.environ[k]}" for k in WAIT_VARIABLES
                                   if k in os.environ) or "libgomp's default"
     if args.child == "ours":
-        from loop import threads
+        from loop import malloc, threads
 
-        from loop import malloc
-
-        out["malloc"] = "tuned" if malloc.describe()["tuned"] else f"glibc's default ({malloc.describe()['why']})"
+        state = malloc.describe()
+        out["malloc"] = "tuned" if state["tuned"] else f"glibc's default ({state['why']})"
         gov = threads.describe()["governor"]
         out["governor"] = gov and f"lowest {gov['lowest']} of {gov['ceiling']}, {gov['changes']} changes"
     print("RESULT " + json.dumps(out), flush=True)

@@ -5,12 +5,14 @@ config, plugin loading (duplicates, the SELFLOOP_LOAD_PLUGINS allow-list, tracin
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.core_helpers import FAKE_PLUGIN, cli, cli_inprocess, fake_config, rows, run_inprocess
+from tests.core_helpers import FAKE_PLUGIN, cli, cli_inprocess, env, fake_config, rows, run_inprocess
 
 
 def replace(a: str, b: str):
@@ -336,9 +338,6 @@ def test_trace_plugins_prints_hook_calls(installed):
 def test_help_lists_an_installed_plugins_command_without_importing_torch(tmp_path):
     """`selfloop --help` loads installed plugins for their commands but no built-in
     component (they import torch): a help that takes a quarter of a second, not five."""
-    import subprocess
-    import sys
-
     site = tmp_path / "site"
     site.mkdir()
     (site / "cmdplug.py").write_text(textwrap.dedent("""
@@ -358,8 +357,6 @@ def test_help_lists_an_installed_plugins_command_without_importing_torch(tmp_pat
     (info / "entry_points.txt").write_text("[selfloop]\ncmdplug = cmdplug\n")
     probe = ("import sys\nfrom loop.cli import cli\ntry:\n    cli(['--help'])\nexcept SystemExit as e:\n"
              "    print('exit', e.code, 'torch' in sys.modules, 'plugins.generators.hf' in sys.modules)")
-    from tests.core_helpers import env
-
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           env=env(PYTHONPATH=str(site)))
     assert proc.returncode == 0, proc.stderr

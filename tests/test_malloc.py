@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from loop import malloc
-from tests.core_helpers import env
+from tests.core_helpers import cli, env
 
 # Make and free a 40 MiB tensor (above glibc's largest automatic mmap threshold, 32 MiB,
 # below ours) and count the page faults of a cycle, once the heap has settled.
@@ -89,8 +89,6 @@ def test_the_cli_and_the_policy_tune_it(tiny_model_dir):
 
 
 def test_a_bad_switch_is_refused_naming_it():
-    from tests.core_helpers import cli
-
     proc = cli("--version", SELFLOOP_MALLOC="off")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
